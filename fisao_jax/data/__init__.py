@@ -1,0 +1,1 @@
+"""Datasets: synthetic world, LLaVA-Instruct, COCO, image preprocessing, prompts."""

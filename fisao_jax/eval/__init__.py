@@ -1,0 +1,1 @@
+"""Evaluation metrics: CHAIR, POPE, COCO caption metrics."""

@@ -1,0 +1,1 @@
+"""Model definitions (flax.linen) and Hugging Face loaders."""

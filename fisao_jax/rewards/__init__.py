@@ -1,0 +1,1 @@
+"""Fine-grained verifier: entity vocabulary, spans, CLIP scores and rewards."""
