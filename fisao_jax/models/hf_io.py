@@ -1,0 +1,292 @@
+"""Hugging Face checkpoint <-> Flax parameter trees, and the converted-checkpoint format.
+
+A converted folder holds `fisao_config.json` (our model config, tagged with the model kind)
+and `params/` (an orbax checkpoint). A Hugging Face folder holds `config.json` and
+safetensors. `load_model` reads either.
+
+Key layouts accepted for LLaVA: `language_model.model.*` / `model.language_model.*`,
+`language_model.lm_head.*` / `lm_head.*`, `vision_tower.*` / `vision_tower.vision_model.*` /
+`model.vision_tower.*`, `multi_modal_projector.*` / `model.multi_modal_projector.*`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisao_jax.models import configs as C
+from fisao_jax.models.safetensors_io import iter_tensors
+
+CONVERTED_CONFIG = "fisao_config.json"
+PARAMS_DIR = "params"
+
+# HF buffers that are not parameters.
+_IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
+
+# Canonical prefixes: each accepted HF prefix -> the one our mapping uses.
+_LLAVA_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+# Our top-level names -> canonical HF prefixes.
+_LLAVA_TOP = {"language_model": "language_model.model", "lm_head": "language_model.lm_head"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: lists every offending key."""
+
+
+def model_kind(hf_config: dict, source: str = "config.json") -> str:
+    """'llava' or 'clip' from a config.json dict; error naming the file otherwise."""
+    mt = hf_config.get("model_type")
+    if mt == "llava":
+        return "llava"
+    if mt == "clip":
+        return "clip"
+    raise ConversionError(f"{source}: unsupported model_type {mt!r} (expected 'llava' or 'clip')")
+
+
+def build_module(cfg: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    """The Flax module for a config."""
+    if isinstance(cfg, C.LlavaConfig):
+        from fisao_jax.models.llava import LlavaModel
+        return LlavaModel(cfg, dtype=dtype, param_dtype=param_dtype)
+    if isinstance(cfg, C.CLIPConfig):
+        from fisao_jax.models.clip import CLIPModel
+        return CLIPModel(cfg, dtype=dtype, param_dtype=param_dtype)
+    raise TypeError(f"no module for config type {type(cfg).__name__}")
+
+
+def dummy_inputs(cfg: Any) -> tuple:
+    """Smallest inputs that touch every parameter (for init / eval_shape)."""
+    v = cfg.vision
+    pixels = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    if isinstance(cfg, C.LlavaConfig):
+        ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32).at[0, -1].set(0)
+        return ids, pixels
+    return jnp.zeros((1, 2), jnp.int32), pixels
+
+
+def abstract_params(cfg: Any, param_dtype: Any = jnp.float32) -> Any:
+    """ShapeDtypeStruct tree of the model's parameters (no memory allocated)."""
+    module = build_module(cfg, param_dtype=param_dtype)
+    ids, pixels = dummy_inputs(cfg)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, pixels))
+    return shapes["params"]
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def hf_key(path: tuple, kind: str) -> tuple[str, str]:
+    """(HF key, transform) for one of our parameter paths. transform: 'linear'|'conv'|'none'."""
+    parts = list(path)
+    if kind == "llava" and parts[0] in _LLAVA_TOP:
+        parts = _LLAVA_TOP[parts[0]].split(".") + parts[1:]
+    leaf = parts[-1]
+    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in parts[:-1]]
+    if leaf == "kernel":
+        return ".".join(parts + ["weight"]), "kernel"
+    if leaf in ("scale", "embedding"):
+        return ".".join(parts + ["weight"]), "none"
+    return ".".join(parts + [leaf]), "none"
+
+
+def canonical_hf_key(key: str, kind: str) -> str:
+    if kind == "llava":
+        for old, new in _LLAVA_PREFIXES:
+            if key.startswith(old):
+                return new + key[len(old):]
+    return key
+
+
+def _to_ours(arr: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "kernel":
+        if arr.ndim == 2:
+            return arr.T
+        if arr.ndim == 4:  # conv OIHW -> HWIO
+            return arr.transpose(2, 3, 1, 0)
+    return arr
+
+
+def hf_to_params(folder: pathlib.Path, cfg: Any, param_dtype: Any = jnp.float32) -> dict:
+    """Read safetensors from `folder` into our (base, LoRA-free) parameter tree.
+
+    Raises ConversionError listing every missing, unexpected or mis-shaped tensor."""
+    kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
+    base_cfg = cfg if kind == "clip" else _without_lora(cfg)
+    expected = _flatten(abstract_params(base_cfg, param_dtype))
+    wanted = {}
+    for path, sds in expected.items():
+        if kind == "llava" and path[0] == "value_head":
+            continue  # ours, not in HF checkpoints
+        key, transform = hf_key(path, kind)
+        wanted[key] = (path, transform, sds)
+
+    found, unexpected, bad_shape, dupes = {}, [], [], []
+    for name, arr in iter_tensors(folder):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        key = canonical_hf_key(name, kind)
+        if key not in wanted:
+            unexpected.append(name)
+            continue
+        if key in found:
+            dupes.append(name)
+            continue
+        path, transform, sds = wanted[key]
+        val = _to_ours(arr, transform)
+        if tuple(val.shape) != tuple(sds.shape):
+            bad_shape.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {tuple(sds.shape)} "
+                             f"(as {'/'.join(path)})")
+            continue
+        found[key] = (path, val)
+    missing = sorted(k for k in wanted if k not in found)
+    problems = []
+    if missing:
+        problems.append("missing tensors:\n  " + "\n  ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors:\n  " + "\n  ".join(sorted(unexpected)))
+    if bad_shape:
+        problems.append("shape mismatches:\n  " + "\n  ".join(sorted(bad_shape)))
+    if dupes:
+        problems.append("tensors given twice (under two key layouts):\n  " + "\n  ".join(sorted(dupes)))
+    if problems:
+        raise ConversionError(f"checkpoint {folder} does not fit the {kind} model:\n" + "\n".join(problems))
+    flat = {path: jnp.asarray(np.asarray(val), dtype=param_dtype) for path, val in found.values()}
+    if kind == "llava":
+        for path, sds in expected.items():
+            if path[0] == "value_head":
+                flat[path] = jnp.zeros(sds.shape, param_dtype)
+    return _unflatten(flat)
+
+
+def _without_lora(cfg: C.LlavaConfig) -> C.LlavaConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, lora=C.LoRAConfig())
+
+
+def read_hf_config(folder: pathlib.Path) -> tuple[str, Any]:
+    """(kind, our config) from a Hugging Face folder's config.json."""
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder) and no "
+                                f"{CONVERTED_CONFIG} (not a converted folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from e
+    kind = model_kind(raw, str(path))
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    return kind, (C.llava_from_hf(hf_cfg) if kind == "llava" else C.clip_from_hf(hf_cfg))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
+            overwrite: bool = False) -> str:
+    """Convert a HF LLaVA or CLIP folder into `dst` (orbax params + fisao_config.json).
+
+    Output appears atomically: everything is written to a temporary sibling folder that is
+    renamed to `dst` only after success. Returns the model kind."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    kind, cfg = read_hf_config(src)
+    params = hf_to_params(src, cfg, jnp.dtype(dtype))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        save_params(tmp / PARAMS_DIR, params)
+        meta = {"kind": kind, "dtype": dtype, "source": str(src.resolve()), "config": C.to_dict(cfg)}
+        (tmp / CONVERTED_CONFIG).write_text(json.dumps(meta, indent=2))
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                     "preprocessor_config.json", "processor_config.json", "chat_template.json",
+                     "chat_template.jinja", "vocab.json", "merges.txt", "config.json"):
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return kind
+
+
+def save_params(path: pathlib.Path, params: Any) -> None:
+    """Write a parameter tree as an orbax checkpoint at `path` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(pathlib.Path(path).resolve(), params)
+    ckptr.wait_until_finished()
+
+
+def restore_params(path: pathlib.Path, abstract: Any) -> Any:
+    """Read an orbax parameter checkpoint into the structure/dtypes of `abstract`."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"no parameter checkpoint at {path}")
+    ckptr = ocp.StandardCheckpointer()
+    return ckptr.restore(path, abstract)
+
+
+def load_model(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_dtype: Any = None,
+               lora: Optional[C.LoRAConfig] = None, lora_key: Optional[jax.Array] = None):
+    """(module, params) from a HF folder or a converted folder. See `llava.from_hf`."""
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    param_dtype = param_dtype or dtype
+    if (folder / CONVERTED_CONFIG).exists():
+        meta = json.loads((folder / CONVERTED_CONFIG).read_text())
+        kind, cfg = meta["kind"], C.from_dict(meta["config"])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(param_dtype)),
+                                abstract_params(cfg if kind == "clip" else _without_lora(cfg)))
+        params = restore_params(folder / PARAMS_DIR, abstract)
+    else:
+        kind, cfg = read_hf_config(folder)
+        params = hf_to_params(folder, cfg, param_dtype)
+    if expect is not None and kind != expect:
+        raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
+    if kind == "llava" and lora is not None and lora.rank > 0:
+        import dataclasses
+        from fisao_jax.models.lora import init_lora
+
+        cfg = dataclasses.replace(cfg, lora=lora)
+        params = init_lora(params, lora.rank, lora_key if lora_key is not None else jax.random.PRNGKey(0),
+                           dtype=jnp.dtype(param_dtype))
+    return build_module(cfg, dtype=dtype, param_dtype=param_dtype), params

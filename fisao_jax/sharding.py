@@ -1,0 +1,153 @@
+"""Device mesh from config and regex -> PartitionSpec rules for every parameter.
+
+Rules are ordered (first match wins) and matched against the parameter path joined by '/',
+e.g. 'language_model/layers_3/self_attn/q_proj/kernel'. A parameter no rule matches is an
+error that names it: silently replicating a 7B weight is how a run runs out of memory.
+
+Axes: 'data' (batch only), 'fsdp' (batch and parameter shards), 'tensor' (model parallel).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# kernels are [in, out]; LoRA a [in, r], b [r, out]; conv kernels [kh, kw, in, out].
+LLAVA_RULES: tuple[tuple[str, P], ...] = (
+    # language model: Megatron-style column/row splits, FSDP on the other dim
+    (r"language_model/embed_tokens/embedding$", P("tensor", "fsdp")),
+    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "tensor")),
+    (r"mlp/(gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
+    (r"self_attn/o_proj/kernel$", P("tensor", "fsdp")),
+    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|o_proj|down_proj)/lora_a$", P("fsdp", None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", P(None, "tensor")),
+    (r"(o_proj|down_proj)/lora_b$", P(None, "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
+    (r"(o_proj|down_proj)/bias$", P()),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"(layernorm|norm)/scale$", P()),
+    (r"value_head/(kernel|bias)$", P()),
+    # vision tower + projector: FSDP on the large matrices, everything else replicated
+    (r"vision_(tower|model)/.*(q_proj|k_proj|v_proj|fc1)/kernel$", P("fsdp", "tensor")),
+    (r"vision_(tower|model)/.*(out_proj|fc2)/kernel$", P("tensor", "fsdp")),
+    (r"vision_(tower|model)/.*(fc1|q_proj|k_proj|v_proj)/bias$", P("tensor")),
+    (r"vision_(tower|model)/.*/bias$", P()),
+    (r"vision_(tower|model)/.*(layer_norm\d|layrnorm|layernorm)/scale$", P()),
+    (r"vision_(tower|model)/embeddings/patch_embedding/kernel$", P(None, None, None, "fsdp")),
+    (r"vision_(tower|model)/embeddings/(class_embedding|position_embedding/embedding)$", P()),
+    (r"multi_modal_projector/linear_1/kernel$", P("fsdp", "tensor")),
+    (r"multi_modal_projector/linear_2/kernel$", P("tensor", "fsdp")),
+    (r"multi_modal_projector/linear_\d/bias$", P()),
+)
+
+CLIP_RULES: tuple[tuple[str, P], ...] = LLAVA_RULES + (
+    (r"text_model/embeddings/token_embedding/embedding$", P("tensor", "fsdp")),
+    (r"text_model/embeddings/position_embedding/embedding$", P()),
+    (r"text_model/.*(q_proj|k_proj|v_proj|fc1)/kernel$", P("fsdp", "tensor")),
+    (r"text_model/.*(out_proj|fc2)/kernel$", P("tensor", "fsdp")),
+    (r"text_model/.*(fc1|q_proj|k_proj|v_proj)/bias$", P("tensor")),
+    (r"text_model/.*/bias$", P()),
+    (r"text_model/.*(layer_norm\d|final_layer_norm)/scale$", P()),
+    (r"(visual|text)_projection/kernel$", P("fsdp", "tensor")),
+    (r"^logit_scale$", P()),
+)
+
+
+def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A mesh over `devices` (default: all) with named axes, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.
+
+    One axis may be -1 (takes the remaining devices). Axes are Auto-typed so jit propagates
+    shardings from the inputs."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = [a for a in AXES if a in axes] + [a for a in axes if a not in AXES]
+    sizes = [int(axes[a]) for a in names]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(axes)}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(axes)}: {len(devices)} devices not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {len(devices)}")
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def partition_specs(params: Any, rules: Sequence[tuple[str, P]] = LLAVA_RULES,
+                    mesh: Optional[Mesh] = None) -> Any:
+    """PartitionSpec tree for `params` (arrays or ShapeDtypeStructs).
+
+    Errors name every unmatched parameter; with a mesh, also every dimension that the mesh
+    axes do not divide."""
+    compiled = [(re.compile(pat), spec) for pat, spec in rules]
+    unmatched, indivisible = [], []
+
+    def spec_for(path, leaf):
+        name = path_str(path)
+        for pat, spec in compiled:
+            if pat.search(name):
+                if len(spec) > len(leaf.shape):
+                    indivisible.append(f"{name}: spec {spec} has more dims than shape {leaf.shape}")
+                    return P()
+                if mesh is not None:
+                    for dim, axis in zip(leaf.shape, spec):
+                        size = _axis_size(mesh, axis)
+                        if dim % size:
+                            indivisible.append(f"{name}: dim {dim} not divisible by mesh axis {axis} ({size})")
+                return spec
+        unmatched.append(name)
+        return P()
+
+    specs = jax.tree_util.tree_map_with_path(spec_for, params)
+    if unmatched:
+        raise ValueError("no partition rule matches these parameters:\n  " + "\n  ".join(unmatched))
+    if indivisible:
+        raise ValueError("partition rules do not fit the mesh:\n  " + "\n  ".join(indivisible))
+    return specs
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    if axis is None:
+        return 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[n] for n in names if n in mesh.shape]))
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = LLAVA_RULES) -> Any:
+    """NamedSharding tree for `params` on `mesh` (axes the mesh lacks are dropped)."""
+    specs = partition_specs(params, rules, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, _restrict(s, mesh)), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def _restrict(spec: P, mesh: Mesh) -> P:
+    def keep(axis):
+        if axis is None:
+            return None
+        names = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if a in mesh.shape)
+        return names[0] if len(names) == 1 else (names or None)
+    return P(*(keep(a) for a in spec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dim over the data-parallel axes, the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None), *([None] * (ndim - 1))))
+
+
+def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = LLAVA_RULES) -> Any:
+    """Place a parameter tree on the mesh per the rules."""
+    return jax.device_put(params, param_shardings(params, mesh, rules))
