@@ -1,0 +1,173 @@
+"""Rollout: greedy parity with transformers generate, log-probs vs teacher forcing, sampling
+statistics, determinism, sharded equality and input validation."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fisao_jax import sharding
+from fisao_jax.models.llava import LlavaModel
+from fisao_jax.rollout import SamplingConfig, make_rollout, response_logprobs
+
+torch = pytest.importorskip("torch")
+import hf_tiny  # noqa: E402
+from fisao_jax.models import llava as llava_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout")
+    hf_model = hf_tiny.save_llava(root, seed=3)
+    module, params = llava_lib.from_hf(root)
+    return hf_model, module, params
+
+
+def _batch(module, seed=0):
+    # three prompts of different lengths, left padded
+    ids, mask, pixels, _ = hf_tiny.llava_inputs(module.cfg.num_image_tokens, (1, 1, 1), (0, 3, 5), seed=seed)
+    return ids, mask, pixels
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    hf_model, module, params = tiny
+    n = 12
+    cfg = SamplingConfig(max_new_tokens=n, greedy=True, eos_token_id=2, pad_token_id=0)
+    for seed in (0, 1):
+        ids, mask, pixels = _batch(module, seed)
+        out = make_rollout(module, cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
+                                        jax.random.PRNGKey(0))
+        with torch.no_grad():
+            ref = hf_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                    pixel_values=torch.tensor(pixels), max_new_tokens=n, do_sample=False,
+                                    eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:].numpy()
+        ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])))
+        np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+        assert len(set(map(tuple, ref))) == 3  # different prompts, different continuations
+
+
+def test_logprobs_equal_teacher_forced_pass(tiny):
+    _, module, params = tiny
+    ids, mask, pixels = (jnp.asarray(x) for x in _batch(module))
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=20, eos_token_id=5)
+    out = make_rollout(module, cfg)(params, ids, mask, pixels, jax.random.PRNGKey(1))
+    tf = response_logprobs(module, params, ids, mask, pixels, out.tokens, out.mask, temperature=0.7)
+    m = np.asarray(out.mask, bool)
+    assert np.abs(np.asarray(out.logprobs) - np.asarray(tf["logprobs"]))[m].max() <= 1e-5
+    assert np.abs(np.asarray(out.values) - np.asarray(tf["values"]))[m].max() <= 1e-5
+
+
+def test_stops_at_eos_and_pads_after(tiny):
+    _, module, params = tiny
+    ids, mask, pixels = (jnp.asarray(x) for x in _batch(module))
+    # make every token an EOS candidate by sampling: pick an EOS that the first step produces
+    probe = make_rollout(module, SamplingConfig(max_new_tokens=3, greedy=True))(params, ids, mask, pixels,
+                                                                                  jax.random.PRNGKey(0))
+    eos = int(probe.tokens[0, 1])
+    out = make_rollout(module, SamplingConfig(max_new_tokens=6, greedy=True, eos_token_id=eos, pad_token_id=0))(
+        params, ids, mask, pixels, jax.random.PRNGKey(0))
+    toks, msk = np.asarray(out.tokens), np.asarray(out.mask)
+    for row_t, row_m in zip(toks, msk):
+        hits = np.flatnonzero(row_t == eos)
+        end = hits[0] + 1 if len(hits) else len(row_t)
+        assert row_m[:end].all() and not row_m[end:].any()
+        assert (row_t[end:] == 0).all()
+    assert msk[0].sum() <= 2
+
+
+def test_sampling_is_deterministic_for_a_key(tiny):
+    _, module, params = tiny
+    ids, mask, pixels = (jnp.asarray(x) for x in _batch(module))
+    roll = make_rollout(module, SamplingConfig(max_new_tokens=8, temperature=1.0))
+    a = roll(params, ids, mask, pixels, jax.random.PRNGKey(7))
+    b = roll(params, ids, mask, pixels, jax.random.PRNGKey(7))
+    c = roll(params, ids, mask, pixels, jax.random.PRNGKey(8))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def _peaked(params, factor=30.0):
+    """A sharper next-token distribution, so that wrong samplers are distinguishable."""
+    lm = params["lm_head"]["kernel"]
+    return {**params, "lm_head": {"kernel": lm * factor}}
+
+
+def _first_token_counts(module, params, cfg, rows=4000, seed=0):
+    params = _peaked(params)
+    ids, mask, pixels = _batch(module)
+    ids, mask, pixels = (jnp.asarray(np.repeat(x[:1], rows, axis=0)) for x in (ids, mask, pixels))
+    out = make_rollout(module, dataclasses.replace(cfg, max_new_tokens=1))(params, ids, mask, pixels,
+                                                                              jax.random.PRNGKey(seed))
+    logits = module.apply({"params": params}, ids[:1], pixels[:1], mask[:1])[0, -1] / cfg.temperature
+    return np.bincount(np.asarray(out.tokens[:, 0]), minlength=logits.shape[-1]), np.asarray(logits)
+
+
+def _chi2_pvalue(counts, probs, min_expected=5.0):
+    from scipy import stats
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= min_expected  # pool the rare tokens into one cell
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(exp[big], exp[~big].sum())
+    keep = exp > 0
+    obs, exp = obs[keep].astype(np.float64), exp[keep].astype(np.float64)
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_sampled_frequencies_match_softmax(tiny):
+    _, module, params = tiny
+    cfg = SamplingConfig(temperature=0.5)
+    counts, logits = _first_token_counts(module, params, cfg)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    assert _chi2_pvalue(counts, probs) > 1e-3
+    # the test can fail: a wrong distribution (temperature 1 instead of 0.5) is rejected
+    wrong = np.exp(logits * 0.5 - (logits * 0.5).max())
+    assert _chi2_pvalue(counts, wrong / wrong.sum()) < 1e-6
+
+
+def test_top_k_and_top_p_truncate_and_renormalise(tiny):
+    _, module, params = tiny
+    counts, logits = _first_token_counts(module, params, SamplingConfig(temperature=0.3, top_k=4), seed=1)
+    top = np.argsort(-logits)[:4]
+    assert set(np.flatnonzero(counts)) <= set(top)
+    p = np.exp(logits[top] - logits[top].max())
+    assert _chi2_pvalue(counts[top], p / p.sum()) > 1e-3
+
+    counts, logits = _first_token_counts(module, params, SamplingConfig(temperature=4.0, top_p=0.6), seed=2)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = order[: int(np.searchsorted(np.cumsum(probs[order]), 0.6)) + 1]
+    assert len(nucleus) >= 3 and len(nucleus) < len(probs) // 2  # the truncation is non-trivial
+    assert set(np.flatnonzero(counts)) <= set(nucleus)
+    p = probs[nucleus] / probs[nucleus].sum()
+    assert _chi2_pvalue(counts[nucleus], p) > 1e-3
+
+
+def test_greedy_on_8_device_mesh_equals_single_device(tiny):
+    _, module, params = tiny
+    ids, mask, pixels = _batch(module)
+    ids, mask, pixels = (np.concatenate([x, x[:1]]) for x in (ids, mask, pixels))  # batch 4
+    cfg = SamplingConfig(max_new_tokens=8, greedy=True)
+    single = make_rollout(module, cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
+                                       jax.random.PRNGKey(0))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    p = sharding.shard_params(params, mesh)
+    put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
+    out = make_rollout(module, cfg, mesh=mesh)(p, put(ids), put(mask), put(pixels), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(single.logprobs), atol=1e-5)
+
+
+def test_bad_inputs_fail_before_compiling(tiny):
+    _, module, params = tiny
+    ids, mask, pixels = (jnp.asarray(x) for x in _batch(module))
+    roll = make_rollout(module, SamplingConfig(max_new_tokens=200))
+    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+        roll(params, ids, mask, pixels, jax.random.PRNGKey(0))
+    roll = make_rollout(module, SamplingConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="image tokens and image features do not match"):
+        roll(params, ids, mask, pixels[:2], jax.random.PRNGKey(0))
+    assert roll.jitted._cache_size() == 0
