@@ -188,7 +188,7 @@ class CLIPTextTransformer(nn.Module):
         hidden = CLIPEncoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
                              c.layer_norm_eps, c.hidden_act, name="encoder", **kw)(x, mask)
         x = nn.LayerNorm(c.layer_norm_eps, name="final_layer_norm", **kw)(hidden[-1])
-        if c.eos_token_id == 2:
+        if c.argmax_pooling or (c.argmax_pooling is None and c.eos_token_id == 2):
             # Legacy configs: transformers pools at the highest token id (the EOS of the original vocab).
             eos_pos = jnp.argmax(input_ids, axis=-1)
         else:

@@ -39,6 +39,9 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     eos_token_id: int = 49407
+    # Pool at the highest token id (transformers' rule for legacy configs with eos_token_id == 2)
+    # instead of at the first EOS. None = transformers' rule.
+    argmax_pooling: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
