@@ -287,6 +287,9 @@ def load_model(path, expect: Optional[str] = None, dtype: Any = jnp.float32, par
         from fisao_jax.models.lora import init_lora
 
         cfg = dataclasses.replace(cfg, lora=lora)
+        # adapters are trained: keep them in float32 whatever the base weights' dtype
         params = init_lora(params, lora.rank, lora_key if lora_key is not None else jax.random.PRNGKey(0),
-                           dtype=jnp.dtype(param_dtype))
+                           dtype=jnp.float32)
+    if kind == "llava":
+        params = dict(params, value_head=jax.tree.map(lambda x: x.astype(jnp.float32), params["value_head"]))
     return build_module(cfg, dtype=dtype, param_dtype=param_dtype), params

@@ -1,0 +1,52 @@
+"""Entry point: `python -m fisao_jax.main --config=configs/tiny.py --workdir=runs/tiny`.
+
+Flags:
+  --config      an ml_collections config file (default: configs/tiny.py, the CPU-sized
+                synthetic world); override fields with --config.ppo.lr=1e-5 etc.
+  --workdir     where everything of the run goes; a run resumes from its newest checkpoint.
+  --dry_run     build the model abstractly (no weights), trace rollout and PPO update with
+                jax.eval_shape and print per-device memory for the configured mesh.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Trace shapes and print memory; load no weights.")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    from fisao_jax.config_checks import ConfigError, validate_config
+
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _DRY_RUN.value:
+        from fisao_jax.dry_run import dry_run
+
+        dry_run(config)
+        return 0
+    workdir = _WORKDIR.value or config.get("workdir")
+    if not workdir:
+        print("error: pass --workdir (or set config.workdir)", file=sys.stderr)
+        return 2
+    from fisao_jax.train import train
+
+    train(config, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
