@@ -123,9 +123,94 @@ class CocoTask:
         return self._image_batches(self.eval_set, batch_size)
 
 
+def world_cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Where pretrained worlds are cached: config.world_cache, $FISAO_CACHE/world or ~/.cache/fisao_jax/world.
+
+    The cache is keyed by the build settings, so runs with different seeds or reward
+    settings share one pretraining."""
+    import os
+
+    if config.world_cache:
+        return pathlib.Path(config.world_cache)
+    root = os.environ.get("FISAO_CACHE")
+    return pathlib.Path(root) / "world" if root else pathlib.Path.home() / ".cache" / "fisao_jax" / "world"
+
+
 class SyntheticTask:
     """The generated world: pretrained (or cached) CLIP, tokenizer and SFT LLaVA; scenes with
-    exact ground truth for training prompts, calibration and held-out evaluation."""
+    exact ground truth for training prompts, calibration and held-out evaluation.
+
+    Scene sets use the fixed `config.world_data_seed`, so every run seed sees the same
+    calibration and evaluation images."""
 
     def __init__(self, config, workdir: pathlib.Path):
-        raise NotImplementedError
+        from fisao_jax.data import synthetic
+        from fisao_jax.data.prompts import encode_prompts, format_prompt
+        from fisao_jax.eval.chair import vocab_from_synonym_lines
+        from fisao_jax.models.configs import from_dict
+        from fisao_jax.rewards.entities import vocab_from_names
+        from fisao_jax.world import configs as world_configs
+
+        import json
+
+        build_cfg = world_configs.build_config_from_dict(config.world.to_dict())
+        m = config.model
+        if m.policy:  # models given explicitly (e.g. a world pretrained elsewhere)
+            self.policy_dir, self.clip_dir, tokenizer_dir = m.policy, m.clip, m.tokenizer or m.policy
+        else:
+            from fisao_jax.world import build as world_build
+
+            art = world_build.build_world(world_cache_dir(config, workdir), build_cfg)
+            self.policy_dir, self.clip_dir, tokenizer_dir = str(art.llava_dir), str(art.clip_dir), str(art.tokenizer_dir)
+        self.tokenizer = _load_tokenizer(tokenizer_dir, "world tokenizer")
+        self.clip_tokenizer = self.tokenizer
+        llava_cfg = from_dict(json.loads((pathlib.Path(self.policy_dir) / "fisao_config.json").read_text())["config"])
+        self.image_token_id, self.num_image_tokens = llava_cfg.image_token_id, llava_cfg.num_image_tokens
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        world = build_cfg.world
+        self.entity_vocab = vocab_from_names(synthetic.class_names(world))
+        self.chair_vocab = vocab_from_synonym_lines(synthetic.chair_synonym_lines(world))
+        system = build_cfg.sft.system
+        self._format = lambda prompts: [format_prompt(p, system=system) for p in prompts]  # noqa: E731
+        self._encode = encode_prompts
+        all_prompts = self._format(list(synthetic.PROMPTS) + [synthetic.prompt_text()])
+        ids, _ = encode_prompts(self.tokenizer, all_prompts, self.image_token_id, self.num_image_tokens, None)
+        self.max_prompt_len = ids.shape[1]
+        seed = config.world_data_seed
+        s = config.synthetic
+        self.train_set = synthetic.make_dataset(world, s.num_train_prompts, seed, split="fisao-train")
+        self.calib_set = synthetic.make_dataset(world, s.num_calibration, seed, split="fisao-calibration")
+        self.eval_set = synthetic.make_dataset(world, config.eval.num_images, seed, split="fisao-eval")
+        self._pixels = world_configs.pixel_values
+        self.seed = config.seed
+
+    @property
+    def num_train_prompts(self) -> int:
+        return len(self.train_set["images"])
+
+    def _batch(self, data: dict, index: np.ndarray, prompts: list[str]) -> dict:
+        ids, mask = self._encode(self.tokenizer, self._format(prompts), self.image_token_id, self.num_image_tokens,
+                                 self.max_prompt_len)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": self._pixels(data["images"][index]),
+                "image_ids": [int(i) for i in index], "gt_objects": [set(data["gt_objects"][i]) for i in index]}
+
+    def train_batch(self, position: int, batch_size: int) -> tuple[dict, int]:
+        from fisao_jax.data.llava_instruct import batch_indices
+
+        index = batch_indices(self.num_train_prompts, position, batch_size, seed=self.seed)
+        prompts = [self.train_set["prompts"][i] for i in index]
+        return self._batch(self.train_set, index, prompts), position + batch_size
+
+    def _fixed(self, data: dict, batch_size: int) -> list[dict]:
+        from fisao_jax.data.synthetic import prompt_text
+
+        n = len(data["images"])
+        return [_pad_rows(self._batch(data, np.arange(s, min(s + batch_size, n)), [prompt_text()] * min(batch_size, n - s)),
+                          batch_size) for s in range(0, n, batch_size)]
+
+    def calibration_batches(self, batch_size: int) -> list[dict]:
+        return self._fixed(self.calib_set, batch_size)
+
+    def eval_batches(self, batch_size: int) -> list[dict]:
+        return self._fixed(self.eval_set, batch_size)

@@ -215,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                  ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
                                  clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef)
     score = make_score_fn(setup.module, setup.clip_module, setup.settings)
-    pstate = ppo.init_ppo_state(setup.params, optimizer)
+    pstate = _replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
     state = {"trainable": pstate.trainable, "opt_state": pstate.opt_state, "step": pstate.step,
              "iteration": jnp.zeros((), jnp.int32), "data_position": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(config.seed), "nonfinite_total": jnp.zeros((), jnp.int32),
@@ -296,11 +296,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     final_params = merge_params(state["trainable"], frozen)
     after = _cached_json(workdir / f"eval_after_{num_iterations}.json",
                          lambda: evaluate(setup, final_params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
-    plot_reward_shift(before["mention_rewards"], after["mention_rewards"], workdir / "reward_shift.png")
+    if before["mention_rewards"] and after["mention_rewards"]:
+        plot_reward_shift(before["mention_rewards"], after["mention_rewards"], workdir / "reward_shift.png")
     summary = _summary(config, baseline, before, after, num_iterations, guard)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
     return summary
+
+
+def _replicate_unsharded(tree: Any, mesh) -> Any:
+    """Put leaves that live on one device (optimizer counters, step) on the mesh, replicated.
+
+    The update returns every leaf with a mesh sharding; an initial state with the same
+    shardings keeps the second call from compiling the update again."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def place(x):
+        if isinstance(x, jax.Array) and not isinstance(x.sharding, NamedSharding):
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return x
+    return jax.tree.map(place, tree)
 
 
 def _sentence_scores(setup: Setup, roll, batch) -> jax.Array:

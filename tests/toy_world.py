@@ -1,0 +1,43 @@
+"""Random (untrained) world artifacts for trainer tests: a tokenizer, a tiny LLaVA and CLIP
+in the converted-checkpoint format, sized for the synthetic world's 64 px scenes."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+
+from fisao_jax.data import synthetic
+from fisao_jax.data.tokenizer import train_tokenizer
+from fisao_jax.models import configs as C
+from fisao_jax.models.hf_io import abstract_params, build_module, dummy_inputs, save_params
+
+
+def _save(cfg, folder: pathlib.Path, seed: int) -> None:
+    module = build_module(cfg)
+    ids, pixels = dummy_inputs(cfg)
+    params = module.init(jax.random.PRNGKey(seed), ids, pixels)["params"]
+    folder.mkdir(parents=True)
+    save_params(folder / "params", params)
+    kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
+    (folder / "fisao_config.json").write_text(json.dumps({"kind": kind, "dtype": "float32", "config": C.to_dict(cfg)}))
+
+
+def make_toy_world(root: pathlib.Path, seed: int = 0) -> dict:
+    """{'policy', 'clip', 'tokenizer'} folders of random tiny models."""
+    data = synthetic.make_dataset(synthetic.WorldConfig(), 200, seed=0, split="toy")
+    tok = train_tokenizer(data["captions"] + list(synthetic.PROMPTS), root / "tokenizer", vocab_size=300)
+    vision = C.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=64, patch_size=16)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    llava = C.LlavaConfig(vision=vision, image_token_id=image_token,
+                          text=C.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                             max_position_embeddings=256))
+    clip = C.CLIPConfig(vision=vision, projection_dim=16,
+                        text=C.CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                              eos_token_id=tok.eos_token_id, argmax_pooling=False))
+    _save(llava, root / "llava", seed)
+    _save(clip, root / "clip", seed + 1)
+    return {"policy": str(root / "llava"), "clip": str(root / "clip"), "tokenizer": str(root / "tokenizer")}
