@@ -50,6 +50,11 @@ def text_embeddings(module: CLIPModel, params: Any, tokenizer, texts: Sequence[s
     cfg = module.cfg.text
     max_len = max_len or cfg.max_position_embeddings
     ids, mask = encode_texts(tokenizer, texts, max_len, cfg.eos_token_id)
+    # The causal text tower pools at the EOS: trailing padding changes nothing, so cut it
+    # (to a multiple of 8, to bound the number of compiled shapes).
+    longest = int(mask.sum(axis=1).max()) if len(texts) else 1
+    keep = min(max_len, -(-longest // 8) * 8)
+    ids, mask = ids[:, :keep], mask[:, :keep]
     encode = jax.jit(lambda p, i, m: normalize(module.apply({"params": p}, i, m, method=CLIPModel.encode_text)))
     out = []
     starts = range(0, len(texts), batch_size)
