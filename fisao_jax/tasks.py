@@ -79,7 +79,8 @@ class CocoTask:
         self.max_prompt_len = d.max_prompt_len
         self.eos_token_id = self.tokenizer.eos_token_id
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.image_config = image.ImageConfig(pad_to_square=d.pad_to_square)
+        size = cfg.vision.image_size  # the processor's size follows the vision tower
+        self.image_config = image.ImageConfig(size=size, crop=(size, size), pad_to_square=d.pad_to_square)
         self.entity_vocab = load_entity_vocab(config.reward.entity_vocab or None)
         self.chair_vocab = chair.coco_vocab(d.chair_synonyms or None)
         self.records, report = llava_instruct.load_llava_instruct(d.instruct_json, d.coco_root, limit=d.num_prompts,
