@@ -23,6 +23,7 @@ def get_config():
     c.synthetic.num_calibration = 256
 
     c.model.dtype = "float32"
+    c.model.remat = False
     c.model.lora_rank = 16
     c.model.lora_alpha = 32.0
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora_rank = 128       # paper: r 128, alpha 256, all linear layers of the LM
     c.model.lora_alpha = 256.0
     c.model.lora_dropout = 0.0    # PPO compares the same function before/after an update
+    c.model.remat = True          # recompute decoder layers in the PPO backward pass
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 

@@ -6,7 +6,7 @@ import ml_collections
 REQUIRED = {
     "seed": int,
     "task": str,
-    "model.dtype": str, "model.lora_rank": int, "model.lora_alpha": (int, float), "model.lora_dropout": (int, float),
+    "model.dtype": str, "model.lora_rank": int, "model.lora_alpha": (int, float), "model.lora_dropout": (int, float), "model.remat": bool,
     "rollout.max_new_tokens": int, "rollout.temperature": (int, float), "rollout.top_k": int,
     "rollout.top_p": (int, float),
     "reward.kind": str, "reward.margin": (int, float), "reward.kl_coef": (int, float), "reward.template": str,

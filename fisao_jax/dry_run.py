@@ -54,7 +54,7 @@ def dry_run(config, num_devices: int | None = None) -> dict:
 
     cfg = model_config(config)
     dtype = jnp.dtype(config.model.dtype)
-    module = LlavaModel(cfg, dtype=dtype, param_dtype=dtype)
+    module = LlavaModel(cfg, dtype=dtype, param_dtype=dtype, remat=config.model.remat)
     params = abstract_params(cfg, dtype)
     b, t, n = config.train.batch_size, config.data.max_prompt_len, config.rollout.max_new_tokens
     v = cfg.vision

@@ -105,7 +105,7 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
     key_mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], axis=1)
     pos = default_position_ids(attention_mask)
     out = model.apply({"params": params}, input_ids, pixel_values, attention_mask, pos, cache, key_mask,
-                      use_lora=use_lora, method=LlavaModel.forward)
+                      use_lora=use_lora, logits_from=t - 1, method=LlavaModel.forward)
     next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)  # [B]
 
     key, sub = jax.random.split(key)
@@ -169,8 +169,8 @@ def response_logprobs(model: LlavaModel, params: Any, input_ids, attention_mask,
     full_ids = jnp.concatenate([input_ids, tokens], axis=1)
     full_mask = jnp.concatenate([attention_mask, mask], axis=1).astype(jnp.int32)
     out = model.apply({"params": params}, full_ids, pixel_values, full_mask, use_lora=use_lora,
-                      deterministic=deterministic, method=LlavaModel.forward, rngs=rngs)
-    logits = out["logits"][:, t - 1:-1] / temperature  # position i predicts token i+1
+                      deterministic=deterministic, logits_from=t - 1, method=LlavaModel.forward, rngs=rngs)
+    logits = out["logits"][:, :-1] / temperature  # position i predicts token i+1
     logp = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return {"logprobs": jnp.where(mask > 0, lp, 0.0), "values": jnp.where(mask > 0, out["values"][:, t - 1:-1], 0.0),

@@ -27,7 +27,7 @@ LLAVA_RULES: tuple[tuple[str, P], ...] = (
     (r"self_attn/o_proj/kernel$", P("tensor", "fsdp")),
     (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|o_proj|down_proj)/lora_a$", P("fsdp", None)),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", P(None, "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", P("fsdp", "tensor")),
     (r"(o_proj|down_proj)/lora_b$", P(None, "fsdp")),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
     (r"(o_proj|down_proj)/bias$", P()),

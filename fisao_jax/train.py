@@ -115,6 +115,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Set
     lora = LoRAConfig(rank=config.model.lora_rank, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout)
     module, params = llava_lib.from_hf(task.policy_dir, dtype=dtype, lora=lora,
                                        lora_key=jax.random.PRNGKey(config.seed + 1))
+    module = module.clone(remat=config.model.remat)
     clip_module, clip_params = clip_lib.from_hf(task.clip_dir, dtype=dtype)
     mesh = sharding_lib.make_mesh(dict(config.mesh))
     params = sharding_lib.shard_params(params, mesh)

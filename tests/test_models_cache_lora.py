@@ -167,3 +167,17 @@ def test_indivisible_dimension_is_named():
     params = {"lm_head": {"kernel": jnp.zeros((32, 12))}}
     with pytest.raises(ValueError, match="lm_head/kernel: dim 12 not divisible"):
         sharding.partition_specs(params, mesh=mesh)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    lcfg = _lora_cfg()
+    params = _random_lora()
+    ids, mask, pixels = _inputs(TINY)
+
+    def loss(p, model):
+        return jnp.mean(model.apply({"params": p}, ids, pixels, mask) ** 2)
+    plain = jax.value_and_grad(loss)(params, LlavaModel(lcfg))
+    remat = jax.value_and_grad(loss)(params, LlavaModel(lcfg, remat=True))
+    assert abs(float(plain[0]) - float(remat[0])) <= 1e-6
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

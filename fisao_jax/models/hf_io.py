@@ -232,7 +232,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
         (tmp / CONVERTED_CONFIG).write_text(json.dumps(meta, indent=2))
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                      "preprocessor_config.json", "processor_config.json", "chat_template.json",
-                     "chat_template.jinja", "vocab.json", "merges.txt", "config.json"):
+                     "chat_template.jinja", "vocab.json", "merges.txt", "config.json", "added_tokens.json",
+                     "generation_config.json"):
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         if dst.exists():

@@ -138,11 +138,14 @@ class LlamaModel(nn.Module):
     lora: LoRAConfig = LoRAConfig()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # recompute each layer in the backward pass (memory for compute)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, name="embed_tokens", **kw)
-        self.layers = [LlamaDecoderLayer(self.cfg, self.lora, name=f"layers_{i}", **kw)
+        # static: use_lora, deterministic (argument 0 is the module itself)
+        layer = nn.remat(LlamaDecoderLayer, static_argnums=(8, 9)) if self.remat else LlamaDecoderLayer
+        self.layers = [layer(self.cfg, self.lora, name=f"layers_{i}", **kw)
                        for i in range(self.cfg.num_hidden_layers)]
         self.norm = RMSNorm(self.cfg.rms_norm_eps, name="norm", **kw)
 

@@ -64,6 +64,7 @@ class LlavaModel(nn.Module):
     cfg: LlavaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # per-decoder-layer rematerialisation (PPO update memory)
 
     def setup(self):
         c = self.cfg
@@ -71,7 +72,7 @@ class LlavaModel(nn.Module):
         self.vision_tower = CLIPVisionTransformer(c.vision, **kw)
         self.multi_modal_projector = MultiModalProjector(c.text.hidden_size, c.projector_hidden_act,
                                                          c.projector_bias, **kw)
-        self.language_model = LlamaModel(c.text, c.lora, **kw)
+        self.language_model = LlamaModel(c.text, c.lora, remat=self.remat, **kw)
         if not c.text.tie_word_embeddings:
             self.lm_head = nn.Dense(c.text.vocab_size, use_bias=False, **kw)
         self.value_head = nn.Dense(1, kernel_init=nn.initializers.zeros, **kw)
@@ -123,12 +124,14 @@ class LlavaModel(nn.Module):
                 attention_mask: Optional[jax.Array] = None, position_ids: Optional[jax.Array] = None,
                 cache: Optional[KVCache] = None, key_mask: Optional[jax.Array] = None,
                 use_lora: bool = True, deterministic: bool = True,
-                image_features: Optional[jax.Array] = None) -> dict:
-        """Full output: {'logits' [B,T,V] f32, 'values' [B,T] f32, 'hidden' [B,T,D], 'cache'}.
+                image_features: Optional[jax.Array] = None, logits_from: int = 0) -> dict:
+        """Full output: {'logits' [B,T-logits_from,V] f32, 'values' [B,T] f32, 'hidden' [B,T,D], 'cache'}.
 
         attention_mask [B,T] marks real tokens of `input_ids` (left padding = 0).
         With a cache of S slots, `key_mask` [B,S] marks valid cache slots (defaults to
-        the attention mask when there is no cache)."""
+        the attention mask when there is no cache). `logits_from` (static) skips the LM head
+        on earlier positions (the vocabulary projection of a 600-token image prompt is
+        large and mostly unused)."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if position_ids is None:
@@ -139,7 +142,8 @@ class LlavaModel(nn.Module):
             key_mask = attention_mask
         embeds = self.embed_inputs(input_ids, pixel_values, image_features)
         hidden, cache = self.language_model(embeds, position_ids, key_mask, cache, use_lora, deterministic)
-        return {"logits": self.lm_logits(hidden), "values": self.values(hidden), "hidden": hidden, "cache": cache}
+        return {"logits": self.lm_logits(hidden[:, logits_from:]), "values": self.values(hidden), "hidden": hidden,
+                "cache": cache}
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  use_lora: bool = True, deterministic: bool = True):
