@@ -42,7 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming the first bad key (types, choices, ranges, divisibility)."""
     for key, types in REQUIRED.items():
         value = _get(config, key)
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
             raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
     for key, choices in CHOICES.items():

@@ -155,8 +155,14 @@ def calibrate(setup: Setup, config, workdir: pathlib.Path) -> BaselineScores:
     gen = _generate(setup, setup.params, setup.task.calibration_batches(config.calibration.batch_size),
                     jax.random.PRNGKey(config.seed + 2), "calibration")
     scores, labels = mention_labels(gen, setup.task.chair_vocab)
-    baseline = BaselineScores.from_mentions(scores, labels, config.reward.baseline_low_pct,
-                                            config.reward.baseline_high_pct)
+    try:
+        baseline = BaselineScores.from_mentions(scores, labels, config.reward.baseline_low_pct,
+                                                config.reward.baseline_high_pct)
+    except ValueError as e:
+        raise ValueError(
+            f"baseline scores cannot be estimated from {len(gen.texts)} calibration responses "
+            f"({len(scores)} object mentions, {sum(labels)} hallucinated): {e}. Use more calibration images, "
+            f"more new tokens, or give reward.baseline_path.") from e
     plot_score_histograms(scores, labels, workdir / "baseline_scores.png", baseline=baseline)
     baseline.save(path)
     return baseline
