@@ -2,7 +2,8 @@
 
 Flags:
   --config      an ml_collections config file (default: configs/tiny.py, the CPU-sized
-                synthetic world); override fields with --config.ppo.lr=1e-5 etc.
+                synthetic world); override fields with --config.ppo.lr=1e-5 etc. Its
+                `method` field picks the trainer: 'fisao' (default), 'csr' or 'vigor'.
   --workdir     where everything of the run goes; a run resumes from its newest checkpoint.
   --dry_run     build the model abstractly (no weights), trace rollout and PPO update with
                 jax.eval_shape and print per-device memory for the configured mesh.
@@ -42,9 +43,13 @@ def main(argv) -> int:
     if not workdir:
         print("error: pass --workdir (or set config.workdir)", file=sys.stderr)
         return 2
-    from fisao_jax.train import train
+    from fisao_jax.methods import trainer_for
 
-    train(config, workdir)
+    try:
+        trainer_for(config.get("method", "fisao"))(config, workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

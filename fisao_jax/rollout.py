@@ -168,8 +168,11 @@ def response_logprobs(model: LlavaModel, params: Any, input_ids, attention_mask,
     t = input_ids.shape[1]
     full_ids = jnp.concatenate([input_ids, tokens], axis=1)
     full_mask = jnp.concatenate([attention_mask, mask], axis=1).astype(jnp.int32)
+    # image features go to the prompt's image tokens only, never to a generated image-token id
+    image_mask = jnp.concatenate([input_ids == model.cfg.image_token_id, jnp.zeros(tokens.shape, bool)], axis=1)
     out = model.apply({"params": params}, full_ids, pixel_values, full_mask, use_lora=use_lora,
-                      deterministic=deterministic, logits_from=t - 1, method=LlavaModel.forward, rngs=rngs)
+                      deterministic=deterministic, logits_from=t - 1, image_mask=image_mask,
+                      method=LlavaModel.forward, rngs=rngs)
     logits = out["logits"][:, :-1] / temperature  # position i predicts token i+1
     logp = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

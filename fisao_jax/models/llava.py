@@ -89,17 +89,22 @@ class LlavaModel(nn.Module):
         return self.multi_modal_projector(feats)
 
     def embed_inputs(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
-                     image_features: Optional[jax.Array] = None) -> jax.Array:
+                     image_features: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None) -> jax.Array:
         """Token embeddings with image features placed, in order, at the image-token positions.
 
-        input_ids [B,T]; pixel_values [N_img,3,H,W] (images in row-major order of their tokens)."""
+        input_ids [B,T]; pixel_values [N_img,3,H,W] (images in row-major order of their tokens).
+        image_mask [B,T] (default: input_ids == image_token_id) says which positions take image
+        features; elsewhere an image-token id is embedded like any token, as transformers does
+        for one the model generates."""
         c = self.cfg
-        is_img = input_ids == c.image_token_id
-        if not isinstance(input_ids, jax.core.Tracer) and (pixel_values is not None or image_features is None):
+        is_img = input_ids == c.image_token_id if image_mask is None else image_mask.astype(bool)
+        concrete = not isinstance(input_ids, jax.core.Tracer) and not isinstance(is_img, jax.core.Tracer)
+        if concrete and (pixel_values is not None or image_features is None):
             n = 0 if pixel_values is None else pixel_values.shape[0]
             if n or np.asarray(is_img).any():
-                check_image_tokens(input_ids, n, c)
-        embeds = self.language_model.embed(jnp.where(is_img, 0, input_ids))
+                check_image_tokens(np.where(np.asarray(is_img), c.image_token_id, -1), n, c)
+        # ids outside the text vocabulary (an image token id past it) embed as 0, then get replaced
+        embeds = self.language_model.embed(jnp.where(input_ids < c.text.vocab_size, input_ids, 0))
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values)
         if image_features is None:
@@ -124,7 +129,8 @@ class LlavaModel(nn.Module):
                 attention_mask: Optional[jax.Array] = None, position_ids: Optional[jax.Array] = None,
                 cache: Optional[KVCache] = None, key_mask: Optional[jax.Array] = None,
                 use_lora: bool = True, deterministic: bool = True,
-                image_features: Optional[jax.Array] = None, logits_from: int = 0) -> dict:
+                image_features: Optional[jax.Array] = None, logits_from: int = 0,
+                image_mask: Optional[jax.Array] = None) -> dict:
         """Full output: {'logits' [B,T-logits_from,V] f32, 'values' [B,T] f32, 'hidden' [B,T,D], 'cache'}.
 
         attention_mask [B,T] marks real tokens of `input_ids` (left padding = 0).
@@ -140,7 +146,7 @@ class LlavaModel(nn.Module):
             if cache is not None:
                 raise ValueError("key_mask [B, cache_len] is required when a cache is given")
             key_mask = attention_mask
-        embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_features, image_mask)
         hidden, cache = self.language_model(embeds, position_ids, key_mask, cache, use_lora, deterministic)
         return {"logits": self.lm_logits(hidden[:, logits_from:]), "values": self.values(hidden), "hidden": hidden,
                 "cache": cache}
