@@ -4,7 +4,8 @@ rewards, GAE -> PPO update on LoRA + value head; calibration, evaluation, checkp
 Everything a run writes goes to `workdir`:
   config.json, baseline.json (+ baseline_scores.png), eval_before.json, eval_after.json,
   metrics.jsonl, tb/ (TensorBoard), checkpoints/<iteration>/, summary.json,
-  reward_shift.png (paper Figure 4), cache/ (entity text table).
+  reward_shift.png (paper Figure 4), cache/ (entity text table), adapter/ (the trained LoRA +
+  value head, for tools/export_hf.py).
 A run resumes from the newest checkpoint in `workdir` automatically.
 """
 from __future__ import annotations
@@ -301,6 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     ckpt.close()
 
     final_params = merge_params(state["trainable"], frozen)
+    from fisao_jax.export import save_adapter
+
+    save_adapter(final_params, setup.module.cfg.lora, workdir / "adapter", base=setup.task.policy_dir, overwrite=True)
     after = _cached_json(workdir / f"eval_after_{num_iterations}.json",
                          lambda: evaluate(setup, final_params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
     if before["mention_rewards"] and after["mention_rewards"]:
