@@ -30,9 +30,10 @@ def test_tiny_parameter_bytes_per_device_by_hand():
     text_layer = (32 * 32 + 2 * 32 * 16 + 32 * 32 + 2 * 32 * 64 + 64 * 32) // 4 + 2 * 32
     text = 64 * 32 // 4 + 32 * 64 // 4 + 32 + 2 * text_layer  # embed, lm_head, final norm
     assert pb.weights == 2 * (vision + projector + text)
-    # LoRA r=4: lora_a [in, r] on fsdp; lora_b [r, out] on tensor (q,k,v,gate,up) or fsdp (o, down)
+    # LoRA r=4: lora_a [in, r] on fsdp; lora_b [r, out] on fsdp x tensor (q,k,v,gate,up) or
+    # on fsdp over `out` (o, down)
     lora_a = (6 * 32 * 4 + 64 * 4) // 2
-    lora_b = 4 * (32 + 16 + 16 + 64 + 64) // 2 + 4 * (32 + 32) // 2
+    lora_b = 4 * (32 + 16 + 16 + 64 + 64) // 4 + 4 * (32 + 32) // 2
     assert pb.trainable_elements == 2 * (lora_a + lora_b) + 32 + 1  # + value head, whole
     assert pb.trainable == 4 * pb.trainable_elements
     assert pb.lora_elements_total == 2 * (4 * (6 * 32 + 64) + 4 * (32 + 16 + 16 + 64 + 64 + 32 + 32))
@@ -81,9 +82,8 @@ def test_llava_7b_weights_are_params_times_bytes_over_shards():
     vectors = (32 * 2 + 1) * 4096 + 24 * (4 * 1024 + 4096 + 1024 + 4 * 1024) + 4 * 1024 + 1024 + 2 * 4096
     positions = 577 * 1024
     assert eight.weights == ((7_063_427_072 - vectors - positions) // 8 + vectors + positions) * 2
-    # lora_b of q/k/v/gate/up is [r, out] split on 'tensor' only, so whole under pure FSDP
-    b_whole = 32 * 128 * (3 * 4096 + 2 * 11008)
-    assert eight.trainable == ((lora - b_whole) // 8 + b_whole + 4097) * 4
+    # every LoRA matrix has one dimension on 'fsdp': all split 8 ways; the value head whole
+    assert eight.trainable == (lora // 8 + 4097) * 4
 
 
 def test_activation_estimate_close_to_xla_compiled_buffers():
