@@ -20,7 +20,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}        # FSDP over all devices
     c.rollout.max_new_tokens = 256
-    c.train.batch_size = 16
+    c.train.batch_size = 64                              # 16-row minibatches split over 8 chips
     c.ppo.num_minibatches = 4
     c.eval.max_new_tokens = 512
     return c

@@ -88,9 +88,9 @@ class CocoTask:
         print(report.summary())
         gt = d.gt_objects or None
         self.calib, _ = coco.calibration_set(d.coco_root, d.calibration_images, config.seed, split=d.calibration_split,
-                                             ground_truth=gt)
+                                             ground_truth=gt, vocab=self.chair_vocab)
         self.eval_set, _ = coco.evaluation_set(d.coco_root, config.eval.num_images, config.seed, split=d.eval_split,
-                                               ground_truth=gt)
+                                               ground_truth=gt, vocab=self.chair_vocab)
         self.eval_prompt = config.eval.prompt
         self.seed = config.seed
         self._llava_instruct = llava_instruct

@@ -176,7 +176,8 @@ def evaluate(setup: Setup, params, config, baseline: BaselineScores, key) -> dic
     rewards = mention_rewards(gen, baseline, config.reward.margin)
     out["mention_rewards"] = rewards.tolist()
     out["mean_mention_reward"] = float(rewards.mean()) if rewards.size else 0.0
-    out["examples"] = [{"image_id": _jsonable(i), "text": t} for i, t in zip(gen.image_ids[:8], gen.texts[:8])]
+    out["captions"] = [{"image_id": _jsonable(i), "caption": t} for i, t in zip(gen.image_ids, gen.texts)]
+    out["examples"] = out["captions"][:8]
     return out
 
 

@@ -121,3 +121,17 @@ def test_bfloat16_conversion_round_trips(hf_llava, tmp_path):
     np.testing.assert_allclose(np.asarray(k, np.float32),
                                np.asarray(ref["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]),
                                rtol=1e-2, atol=1e-3)
+
+
+def test_pytorch_bin_checkpoint_converts_like_safetensors(hf_llava, tmp_path):
+    import torch
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "config.json").write_text((hf_llava / "config.json").read_text())
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in load_file(hf_llava / "model.safetensors").items()},
+               src / "pytorch_model.bin")
+    kind, cfg = hf_io.read_hf_config(src)
+    a, b = hf_io.hf_to_params(src, cfg), hf_io.hf_to_params(hf_llava, cfg)
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -41,14 +41,19 @@ def weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {folder} (PyTorch .bin checkpoints are not read; "
-                                "re-save with safe_serialization=True)")
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if bins:
+            return bins
+        raise FileNotFoundError(f"no *.safetensors file in {folder}")
     return files
 
 
 def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) for every tensor, memory-mapped where possible."""
     for path in weight_files(pathlib.Path(folder)):
+        if path.suffix == ".bin":
+            yield from _iter_torch_bin(path)
+            continue
         header, offset = _read_header(path)
         data = np.memmap(path, dtype=np.uint8, mode="r")
         for name, info in header.items():
@@ -58,6 +63,19 @@ def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
             start, end = info["data_offsets"]
             arr = data[offset + start: offset + end].view(dtype).reshape(info["shape"])
             yield name, arr
+
+
+def _iter_torch_bin(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    """PyTorch `.bin` checkpoints (some hub repos ship only these): needs torch, weights only."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a PyTorch checkpoint: install torch (pip install torch==2.13.0) to "
+                          f"convert it, or re-save it as safetensors") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, t in state.items():
+        t = t.float() if t.dtype == torch.bfloat16 else t
+        yield name, t.numpy()
 
 
 def read_shapes(folder: pathlib.Path) -> dict[str, tuple[int, ...]]:
