@@ -58,8 +58,10 @@ def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path, shared_data):
     task = CocoTask(c, tmp_path / "run")
     assert task.num_train_prompts == 8  # the entry with a missing image was skipped
     batch, nxt = task.train_batch(0, 4)
-    assert batch["pixel_values"].shape == (4, 3, 64, 64) and nxt == 4
-    assert (batch["input_ids"] == task.image_token_id).sum(axis=1).tolist() == [16] * 4
+    size = task.image_config.crop[0]
+    assert batch["pixel_values"].shape == (4, 3, size, size) and nxt == 4
+    assert (batch["input_ids"] == task.image_token_id).sum(axis=1).tolist() == [task.num_image_tokens] * 4
+    assert task.num_image_tokens == 9  # 3 x 3 patches
     ev = task.eval_batches(4)
     # CHAIR ground truth = instance categories (person / dog alternating) + caption mentions (dog, cake)
     assert [sorted(g) for g in ev[0]["gt_objects"]] == [["cake", "dog", "person"], ["cake", "dog"],

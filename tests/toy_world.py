@@ -1,5 +1,5 @@
 """Random (untrained) world artifacts for trainer tests: a tokenizer, a tiny LLaVA and CLIP
-in the converted-checkpoint format, sized for the synthetic world's 64 px scenes."""
+in the converted-checkpoint format, sized for the default synthetic world's scenes."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import jax
 from fisao_jax.data import synthetic
 from fisao_jax.data.tokenizer import train_tokenizer
 from fisao_jax.models import configs as C
-from fisao_jax.models.hf_io import abstract_params, build_module, dummy_inputs, save_params
+from fisao_jax.models.hf_io import build_module, dummy_inputs, save_params
+from fisao_jax.world.configs import default_build_config
 
 
 def _save(cfg, folder: pathlib.Path, seed: int) -> None:
@@ -27,8 +28,9 @@ def make_toy_world(root: pathlib.Path, seed: int = 0) -> dict:
     """{'policy', 'clip', 'tokenizer'} folders of random tiny models."""
     data = synthetic.make_dataset(synthetic.WorldConfig(), 200, seed=0, split="toy")
     tok = train_tokenizer(data["captions"] + list(synthetic.PROMPTS), root / "tokenizer", vocab_size=300)
+    world = default_build_config().world  # the scenes configs/tiny.py generates
     vision = C.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=64, patch_size=16)
+                                image_size=world.image_size, patch_size=world.image_size // 3)
     image_token = tok.convert_tokens_to_ids("<image>")
     llava = C.LlavaConfig(vision=vision, image_token_id=image_token,
                           text=C.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

@@ -1,0 +1,217 @@
+"""Generated tokens/s: our jitted rollout (prefill + KV-cache while_loop) vs transformers
+`generate(do_sample=False)`, greedy, float32, same weights and prompts, same process.
+
+Each size builds a random transformers LLaVA, saves it with `save_pretrained`, loads it with
+`fisao_jax.models.llava.from_hf` and with transformers (sdpa attention by default). Prompts are
+left padded (up to 8 pads), one image per row, `n_image_tokens + 32` tokens long. EOS is set to
+a token id that neither side produces, so both generate exactly `new` tokens per row; the run
+checks this and reports how many rows have token-identical outputs. tokens/s = batch * new /
+median wall time of a whole call (prefill included); compile time (lower + compile) is
+reported separately; warmup calls are not timed; implementations are timed round-robin and
+speedups are given on the median and on the fastest call (the steadier estimate on a machine
+shared with other work). `--profile` splits our time into the prefill and the per-step cost of
+the decode loop ((rollout - prefill) / (new - 1)), next to one decode step run alone.
+
+    python benchmarks/bench_rollout.py                 # tiny + 50m, batch 8/32, 64/256 new tokens
+    python benchmarks/bench_rollout.py --quick         # 50m, batch 8, 64 new tokens, 2 repeats
+    python benchmarks/bench_rollout.py --profile       # also: prefill and one decode step timed alone
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def _pick_eos(avoid: set[int], vocab: int, preferred: int = 2) -> int:
+    """A token id in [0, vocab) not in `avoid` (preferring `preferred`)."""
+    for t in itertools.chain([preferred], range(vocab)):
+        if t not in avoid:
+            return t
+    raise RuntimeError("every token id was generated; cannot pick an unused EOS")
+
+
+def _agreement(ours: np.ndarray, ref: np.ndarray, image_token: int) -> str:
+    """'k/B rows' identical; rows that first differ right after a generated image token are
+    counted apart: there our model embeds token 0 (no image features at decode time) while
+    transformers embeds the image token's own embedding row."""
+    same = (ours == ref).all(axis=1)
+    after_image = 0
+    for o, r in zip(ours[~same], ref[~same]):
+        first = int(np.flatnonzero(o != r)[0])
+        after_image += int((r[:first] == image_token).any())
+    text = f"{int(same.sum())}/{len(same)} rows"
+    if after_image:
+        text += f" ({after_image} differ after a generated image token)"
+    return text
+
+
+def _compile_rollout(module, params, j_args, new: int, eos: int):
+    from fisao_jax.rollout import SamplingConfig, make_rollout, validate_inputs
+
+    cfg = SamplingConfig(max_new_tokens=new, greedy=True, eos_token_id=eos, pad_token_id=0)
+    roll = make_rollout(module, cfg)
+    validate_inputs(module, *j_args[:3], cfg)  # what `roll` checks on the host before its jitted call
+    t0 = time.perf_counter()
+    compiled = roll.jitted.lower(params, *j_args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
+    """Fastest seconds for the prefill alone and for one decode step alone (each its own jitted
+    call), to split a rollout's time into prefill, per-step model cost and loop overhead."""
+    import jax
+    import jax.numpy as jnp
+
+    from fisao_jax.models.llama import init_cache
+    from fisao_jax.models.llava import LlavaModel, default_position_ids
+
+    ids, mask, pixels, _ = j_args
+    b, t = ids.shape
+    key_mask = jnp.concatenate([mask, jnp.ones((b, new), jnp.int32)], axis=1)
+
+    @jax.jit
+    def prefill(p, ids, mask, pixels):
+        cache = init_cache(module.cfg.text, b, t + new, module.dtype)
+        return module.apply({"params": p}, ids, pixels, mask, default_position_ids(mask), cache, key_mask,
+                            method=LlavaModel.forward)
+
+    out = prefill(params, ids, mask, pixels)
+
+    @jax.jit
+    def step(p, tok, pos, cache):
+        o = module.apply({"params": p}, tok[:, None], None, jnp.ones((b, 1), jnp.int32), pos[:, None], cache,
+                         key_mask, method=LlavaModel.forward)
+        return jnp.argmax(o["logits"][:, -1], -1).astype(jnp.int32), o["cache"]
+
+    tok = jnp.argmax(out["logits"][:, -1], -1).astype(jnp.int32)
+    pos = jnp.sum(mask, -1).astype(jnp.int32)
+    cache = out["cache"]
+    step(params, tok, pos, cache)
+    times = common.time_interleaved({
+        "prefill": lambda: jax.block_until_ready(prefill(params, ids, mask, pixels)),
+        "step": lambda: jax.block_until_ready(step(params, tok, pos, cache)),
+    }, repeats)
+    return {k: min(v) for k, v in times.items()}
+
+
+def bench_size(size: str, batches: list[int], news: list[int], repeats: int, attns: list[str],
+               profile: bool, pbar=None) -> tuple[list[list], list[list]]:
+    """(results rows, profile rows) for one model size."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from fisao_jax.models import llava as llava_lib
+
+    s = common.SIZES[size]
+    n_img = (s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2
+    prompt_len = n_img + 32
+    rows, prof_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        n_params = common.save_random_llava(pathlib.Path(tmp), size)
+        module, params = llava_lib.from_hf(tmp)
+        hf = {a: common.load_hf(pathlib.Path(tmp), a) for a in attns}
+    for batch, new in itertools.product(batches, news):
+        ids, mask, pixels, _ = common.llava_inputs(size, batch, prompt_len)
+        j_args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(pixels),
+                  jax.random.PRNGKey(0))
+        # Greedy tokens do not depend on the EOS id, only where rows stop: pick an id that
+        # neither side generates, so that both run the full `new` steps.
+        seen = {s["image_token_index"], 0}
+        eos = 2
+        for _ in range(3):
+            compiled, compile_s = _compile_rollout(module, params, j_args, new, eos)
+            ours = np.asarray(compiled(params, *j_args).tokens)
+            t_args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+            with torch.no_grad():
+                refs = {a: m.generate(**t_args)[:, prompt_len:].numpy() for a, m in hf.items()}
+            outs = [ours, *refs.values()]
+            if all(o.shape == (batch, new) and not (o == eos).any() for o in outs):
+                break
+            seen |= set(np.unique(np.concatenate([o.reshape(-1) for o in outs])).tolist())
+            eos = _pick_eos(seen, s["text"]["vocab_size"])
+        else:
+            raise RuntimeError(f"{size} batch {batch} new {new}: could not find an EOS id that no side generates")
+        agree = {a: _agreement(ours, r, s["image_token_index"]) for a, r in refs.items()}
+        fns = {"ours": lambda: compiled(params, *j_args).tokens.block_until_ready()}
+        fns.update({a: (lambda m=m: m.generate(**t_args)) for a, m in hf.items()})
+        with torch.no_grad():
+            runs = common.time_interleaved(fns, repeats)
+        med = {k: common.median(v) for k, v in runs.items()}
+        best = {k: min(v) for k, v in runs.items()}
+        label = [size, f"{n_params / 1e6:.2f}M", batch, prompt_len, new]
+        toks = batch * new
+        for impl in runs:
+            rows.append(label + [
+                "ours (jit while_loop)" if impl == "ours" else f"transformers {impl}",
+                compile_s if impl == "ours" else float("nan"),
+                med[impl], best[impl], toks / med[impl], toks / best[impl],
+                med[impl] / med["ours"], best[impl] / best["ours"], agree.get(impl, "-")])
+        if profile:
+            p = profile_steps(module, params, j_args[:3] + (None,), new, repeats)
+            loop = (best["ours"] - p["prefill"]) / (new - 1)
+            prof_rows.append(label + [best["ours"] * 1e3, p["prefill"] * 1e3, p["step"] * 1e3, loop * 1e3,
+                                      loop / p["step"]])
+        if pbar is not None:
+            pbar.update()
+    return rows, prof_rows
+
+
+def main(argv=None) -> int:
+    """CLI entry point; prints machine info and markdown tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,50m", help="comma-separated sizes from common.SIZES")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--new", default="64,256", help="comma-separated max_new_tokens")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
+    ap.add_argument("--attn", default="sdpa", help="transformers attention implementations (e.g. sdpa,eager; '' = ours only)")
+    ap.add_argument("--threads", type=int, default=0, help="cores for torch and XLA (0 = all available; fewer pins the process)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time the prefill and a single decode step alone (per case)")
+    ap.add_argument("--quick", action="store_true", help="50m only, batch 8, 64 new tokens, 2 repeats")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.batches, args.new, args.repeats = "50m", "8", "64", 2
+
+    from tqdm import tqdm
+
+    common.configure_threads(args.threads)
+    common.quiet_transformers()
+    info = common.machine_info()
+    common.print_machine(info)
+    rows, prof_rows = [], []
+    sizes = args.sizes.split(",")
+    batches, news = [int(x) for x in args.batches.split(",")], [int(x) for x in args.new.split(",")]
+    with tqdm(total=len(sizes) * len(batches) * len(news), desc="cases", file=sys.stderr) as pbar:
+        for size in sizes:
+            r, p = bench_size(size, batches, news, args.repeats, [a for a in args.attn.split(",") if a], args.profile,
+                              pbar)
+            rows += r
+            prof_rows += p
+    print(f"load after: {common.load_average()}")
+    print()
+    print(common.markdown_table(
+        ["size", "params", "batch", "prompt", "new", "impl", "compile s", "median s", "min s",
+         "gen tokens/s (median)", "gen tokens/s (min)", "ours speedup (median)", "ours speedup (min)",
+         "same tokens as ours"], rows))
+    if prof_rows:
+        print()
+        print(common.markdown_table(
+            ["size", "params", "batch", "prompt", "new", "rollout ms (min)", "prefill alone ms (min)",
+             "1 step alone ms (min)", "loop ms/step", "loop step / step alone"], prof_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
