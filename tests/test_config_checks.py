@@ -61,3 +61,22 @@ def test_guard_counts_and_stops_after_n_in_a_row():
     assert (g.total, g.streak) == (4, 2)
     with pytest.raises(FloatingPointError, match="3 non-finite PPO steps in a row"):
         g.record(False, 7)
+
+
+@pytest.mark.parametrize("name,key,value", [("tiny_sentence", "kind", "sentence"), ("tiny_kl_only", "kind", "none"),
+                                            ("tiny_margin5", "margin", 5.0), ("tiny_margin20", "margin", 20.0)])
+def test_ablation_configs_change_one_field_of_tiny(name, key, value):
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).parents[1] / "configs"
+
+    def load(n):
+        spec = importlib.util.spec_from_file_location(n, root / f"{n}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+    base, c = load("tiny"), load(name)
+    validate_config(c)
+    assert c.reward[key] == value != base.reward[key]
+    c.reward[key] = base.reward[key]
+    assert c.to_dict() == base.to_dict()
