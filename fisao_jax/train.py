@@ -177,7 +177,7 @@ def evaluate(setup: Setup, params, config, baseline: BaselineScores, key) -> dic
     out["mention_rewards"] = rewards.tolist()
     out["mean_mention_reward"] = float(rewards.mean()) if rewards.size else 0.0
     out["captions"] = [{"image_id": _jsonable(i), "caption": t} for i, t in zip(gen.image_ids, gen.texts)]
-    out["examples"] = out["captions"][:8]
+    out["examples"] = [{"image_id": c["image_id"], "text": c["caption"]} for c in out["captions"][:8]]
     return out
 
 
