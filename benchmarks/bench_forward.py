@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqs", default="128,256", help="comma-separated total prompt lengths (image tokens included)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     ap.add_argument("--attn", default="eager,sdpa", help="transformers attention implementations")
-    ap.add_argument("--threads", type=int, default=0, help="cores for torch and XLA (0 = all available; fewer pins the process)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="cores for torch and XLA (0 = all available; fewer pins the process)")
     ap.add_argument("--quick", action="store_true", help="50m only, seq 128, 2 repeats")
     args = ap.parse_args(argv)
     if args.quick:

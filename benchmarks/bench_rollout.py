@@ -13,6 +13,7 @@ shared with other work). `--profile` splits our time into the prefill and the pe
 the decode loop ((rollout - prefill) / (new - 1)), next to one decode step run alone.
 
     python benchmarks/bench_rollout.py                 # tiny + 50m, batch 8/32, 64/256 new tokens
+                                                       # (~7 min on 2 idle cores, far longer under load)
     python benchmarks/bench_rollout.py --quick         # 50m, batch 8, 64 new tokens, 2 repeats
     python benchmarks/bench_rollout.py --profile       # also: prefill and one decode step timed alone
 """
@@ -40,9 +41,8 @@ def _pick_eos(avoid: set[int], vocab: int, preferred: int = 2) -> int:
 
 
 def _agreement(ours: np.ndarray, ref: np.ndarray, image_token: int) -> str:
-    """'k/B rows' identical; rows that first differ right after a generated image token are
-    counted apart: there our model embeds token 0 (no image features at decode time) while
-    transformers embeds the image token's own embedding row."""
+    """'k/B rows' identical. Rows that first differ right after a generated image-token id are
+    counted apart: such a token has no image feature and both sides must embed it as text."""
     same = (ours == ref).all(axis=1)
     after_image = 0
     for o, r in zip(ours[~same], ref[~same]):
@@ -175,8 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--new", default="64,256", help="comma-separated max_new_tokens")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
-    ap.add_argument("--attn", default="sdpa", help="transformers attention implementations (e.g. sdpa,eager; '' = ours only)")
-    ap.add_argument("--threads", type=int, default=0, help="cores for torch and XLA (0 = all available; fewer pins the process)")
+    ap.add_argument("--attn", default="sdpa",
+                    help="transformers attention implementations (e.g. sdpa,eager; '' = ours only)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="cores for torch and XLA (0 = all available; fewer pins the process)")
     ap.add_argument("--profile", action="store_true",
                     help="also time the prefill and a single decode step alone (per case)")
     ap.add_argument("--quick", action="store_true", help="50m only, batch 8, 64 new tokens, 2 repeats")
