@@ -14,11 +14,13 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+# `nproc` before `configure_threads` pins the process to fewer cores.
+CORES_AT_START = len(os.sched_getaffinity(0))
 
 SIZES = {
     "tiny": dict(
@@ -181,11 +183,8 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        nproc = str(cpu_count())
-    return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "nproc": nproc, "cpu": model,
+    return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cores available": CORES_AT_START,
+            "cores used": cpu_count(), "cpu": model,
             "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
             "load": load_average()}

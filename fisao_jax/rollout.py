@@ -99,7 +99,7 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
     if mesh is not None:
         batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
         heads = "tensor" if "tensor" in mesh.shape and model.cfg.text.num_key_value_heads % mesh.shape["tensor"] == 0 else None
-        spec = NamedSharding(mesh, P(batch_axes, None, heads, None))
+        spec = NamedSharding(mesh, P(batch_axes, heads, None, None))
         cache = {**cache, "k": tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache["k"]),
                  "v": tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache["v"])}
     key_mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], axis=1)

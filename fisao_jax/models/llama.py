@@ -2,7 +2,9 @@
 attention) with an explicit KV cache and LoRA on every linear layer.
 
 The KV cache is a pytree passed in and returned:
-  {'k': tuple of L arrays [B, S, KVH, Dh], 'v': same, 'index': int32 []}
+  {'k': tuple of L arrays [B, KVH, S, Dh], 'v': same, 'index': int32 []}
+Heads come before slots so that the attention contractions read the cache as it is: with
+[B, S, KVH, Dh], XLA transposes every layer's whole cache at every decode step.
 `index` is the next slot to write. A forward without a cache runs as a prefill into a fresh
 cache of length T, so training, prefill and decode share one code path.
 """
@@ -22,7 +24,7 @@ KVCache = dict
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty KV cache with room for `max_len` positions."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.dims_per_head)
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.dims_per_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     return {"k": zeros, "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
             "index": jnp.zeros((), jnp.int32)}
@@ -70,7 +72,7 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, key_mask, cache_k, cache_v, index, use_lora, deterministic):
-        """x [B,T,D]; key_mask [B,S] bool over cache slots; cache_k/v [B,S,KVH,Dh]; index: first slot of x."""
+        """x [B,T,D]; key_mask [B,S] bool over cache slots; cache_k/v [B,KVH,S,Dh]; index: first slot of x."""
         c = self.cfg
         b, t, _ = x.shape
         h, kvh, dh = c.num_attention_heads, c.num_key_value_heads, c.dims_per_head
@@ -80,20 +82,21 @@ class LlamaAttention(nn.Module):
         v = proj("v_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        s = cache_k.shape[1]
+        heads_first = lambda a: a.transpose(0, 2, 1, 3).astype(cache_k.dtype)  # noqa: E731
+        cache_k = jax.lax.dynamic_update_slice(cache_k, heads_first(k), (0, 0, index, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, heads_first(v), (0, 0, index, 0))
+        s = cache_k.shape[2]
 
         # Causal over absolute slots, restricted to valid (non-padding) keys.
         q_slot = index + jnp.arange(t)
         allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B,T,S]
 
         qg = q.reshape(b, t, kvh, h // kvh, dh)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k.astype(self.dtype)).astype(jnp.float32)
+        logits = jnp.einsum("btkgd,bksd->bkgts", qg, cache_k.astype(self.dtype)).astype(jnp.float32)
         logits = logits * (dh ** -0.5)
         logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v.astype(self.dtype)).reshape(b, t, h * dh)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, cache_v.astype(self.dtype)).reshape(b, t, h * dh)
         out = proj("o_proj", c.hidden_size)(out, use_lora, deterministic)
         return out, cache_k, cache_v
 
