@@ -4,14 +4,12 @@
 
 Everything else as configs/tiny.py (the same cached world, calibration and evaluation scenes).
 """
-import importlib.util
 import pathlib
+
+from fisao_jax.config_base import load_config_file
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).with_name("tiny.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
+    c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
     c.reward.kind = "none"
     return c

@@ -86,3 +86,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.gt_objects = ""        # optional precomputed {image_id: objects} (.json / .json.gz)
     c.data.chair_synonyms = ""    # '' = ../shared/data/chair/synonyms.txt or $FISAO_SHARED_DATA
     return c
+
+
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file given by path (for configs that extend another one)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
