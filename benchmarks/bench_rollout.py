@@ -9,7 +9,9 @@ checks this and reports how many rows have token-identical outputs. tokens/s = b
 median wall time of a whole call (prefill included); compile time (lower + compile) is
 reported separately; warmup calls are not timed; implementations are timed round-robin and
 speedups are given on the median and on the fastest call (the steadier estimate on a machine
-shared with other work). `--profile` splits our time into the prefill and the per-step cost of
+shared with other work). GFLOP/s = the FLOPs a greedy call needs at least (`call_flops`) / its
+fastest time, next to the machine's float32 matmul peak: no implementation can beat another
+by more than peak / that one's GFLOP/s. `--profile` splits our time into the prefill and the per-step cost of
 the decode loop ((rollout - prefill) / (new - 1)), next to one decode step run alone.
 
     python benchmarks/bench_rollout.py                 # tiny + 50m, batch 8/32, 64/256 new tokens
@@ -63,6 +65,45 @@ def _compile_rollout(module, params, j_args, new: int, eos: int):
     t0 = time.perf_counter()
     compiled = roll.jitted.lower(params, *j_args).compile()
     return compiled, time.perf_counter() - t0
+
+
+def call_flops(size: str, batch: int, prompt: int, new: int) -> float:
+    """FLOPs a greedy call must do at least (multiply-add = 2): the vision layers up to LLaVA's
+    feature layer (-2) and the projector per image, the LM over the prompt with the LM head at
+    its last position only, then `new - 1` one-token steps (all LM layers, attention over the
+    tokens so far, the LM head). Both implementations do at least this; dividing by a call's
+    time gives the fraction of the machine's matmul peak it reaches."""
+    s = common.SIZES[size]
+    v, t = s["vision"], s["text"]
+    n_img = (v["image_size"] // v["patch_size"]) ** 2
+    nv, hv = n_img + 1, v["hidden_size"]
+    vision_layers = v["num_hidden_layers"] - 1  # hidden_states[-2] is the output of layer L-1
+    vision = 2 * n_img * 3 * v["patch_size"] ** 2 * hv + vision_layers * (
+        2 * nv * (4 * hv * hv + 2 * hv * v["intermediate_size"]) + 4 * nv * nv * hv)
+    h, n_layers, inter, vocab = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"], t["vocab_size"]
+    kv_dim = h * t["num_key_value_heads"] // t["num_attention_heads"]
+    projector = 2 * n_img * (hv * h + h * h)
+    layer_weights = 2 * h * h + 2 * h * kv_dim + 3 * h * inter
+    prefill = 2 * prompt * n_layers * layer_weights + n_layers * 2 * prompt * prompt * h + 2 * h * vocab
+    steps = sum(2 * n_layers * layer_weights + 2 * h * vocab + n_layers * 4 * (prompt + i) * h for i in range(1, new))
+    return float(batch * (vision + projector + prefill + steps))
+
+
+def matmul_peak(threads_note: str = "") -> float:
+    """GFLOP/s of the best of a few 2048^3 float32 matmuls (torch and XLA, same cores)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = torch.randn(n, n)
+    ja = jnp.asarray(a.numpy())
+    mm = jax.jit(lambda x: x @ x)
+    mm(ja).block_until_ready()
+    torch.mm(a, a)
+    best = min(min(common.time_calls(lambda: torch.mm(a, a), 3)),
+               min(common.time_calls(lambda: mm(ja).block_until_ready(), 3)))
+    return 2 * n ** 3 / best / 1e9
 
 
 def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
@@ -152,12 +193,13 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
         best = {k: min(v) for k, v in runs.items()}
         label = [size, f"{n_params / 1e6:.2f}M", batch, prompt_len, new]
         toks = batch * new
+        gflop = call_flops(size, batch, prompt_len, new) / 1e9
         for impl in runs:
             rows.append(label + [
                 "ours (jit while_loop)" if impl == "ours" else f"transformers {impl}",
                 compile_s if impl == "ours" else float("nan"),
                 med[impl], best[impl], toks / med[impl], toks / best[impl],
-                med[impl] / med["ours"], best[impl] / best["ours"], agree.get(impl, "-")])
+                med[impl] / med["ours"], best[impl] / best["ours"], gflop / best[impl], agree.get(impl, "-")])
         if profile:
             p = profile_steps(module, params, j_args[:3] + (None,), new, repeats)
             loop = (best["ours"] - p["prefill"]) / (new - 1)
@@ -202,11 +244,12 @@ def main(argv=None) -> int:
             rows += r
             prof_rows += p
     print(f"load after: {common.load_average()}")
+    print(f"float32 matmul peak on these cores (2048^3, best of torch / XLA): {matmul_peak():.1f} GFLOP/s")
     print()
     print(common.markdown_table(
         ["size", "params", "batch", "prompt", "new", "impl", "compile s", "median s", "min s",
          "gen tokens/s (median)", "gen tokens/s (min)", "ours speedup (median)", "ours speedup (min)",
-         "same tokens as ours"], rows))
+         "GFLOP/s (min)", "same tokens as ours"], rows))
     if prof_rows:
         print()
         print(common.markdown_table(

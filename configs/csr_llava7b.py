@@ -11,21 +11,15 @@ first `data.num_prompts` conversations), 3 iterations on the same prompts, 5 bea
 iteration. Not given anywhere: DPO beta (0.1, the DPO default) and the beam bookkeeping
 (here 2 top + 2 bottom beams; the released code keeps 1 top + 2 bottom of 5).
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _llava7b():
-    spec = importlib.util.spec_from_file_location("configs_llava7b", pathlib.Path(__file__).with_name("llava7b.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from fisao_jax.config_base import load_config_file
 
 
 def get_config():
-    c = _llava7b()
+    c = load_config_file(pathlib.Path(__file__).with_name("llava7b.py"))
     c.method = "csr"
     c.data.num_prompts = 13000
     c.rollout.max_new_tokens = 512

@@ -6,21 +6,15 @@ calibrated reward, preference pairs, 3 iterations of DPO on LoRA.
 Same world, calibration and evaluation as configs/tiny.py (FiSAO), so summary.json
 compares directly. See fisao_jax/methods/csr.py for the method.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _tiny():
-    spec = importlib.util.spec_from_file_location("configs_tiny", pathlib.Path(__file__).with_name("tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from fisao_jax.config_base import load_config_file
 
 
 def get_config():
-    c = _tiny()
+    c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
     c.method = "csr"
     c.csr = ml_collections.ConfigDict()
     c.csr.iterations = 3           # paper: 3

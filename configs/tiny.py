@@ -31,13 +31,16 @@ def get_config():
     c.rollout.max_new_tokens = 48
     c.calibration.batch_size = 64
     c.reward.margin = 10.0
-    c.reward.kl_coef = 0.05
+    # The small LoRA policy moves fast: with the paper's beta 0.05 it learns to collect object
+    # rewards by listing (and repeating) objects until its captions degenerate. beta 1.0 keeps
+    # it near the SFT model; beta, lr and iterations were chosen on 3 seeds (benchmarks/RESULTS.md).
+    c.reward.kl_coef = 1.0
 
-    c.ppo.lr = 3e-4
+    c.ppo.lr = 2e-4
     c.ppo.num_minibatches = 2
     c.train.batch_size = 32
-    c.train.num_iterations = 32
-    c.train.checkpoint_every = 8
+    c.train.num_iterations = 64     # two passes over the 1024 training prompts
+    c.train.checkpoint_every = 16
     c.eval.num_images = 256
     c.eval.batch_size = 64
     c.eval.max_new_tokens = 48

@@ -9,21 +9,15 @@ The paper verifies nouns with Grounding DINO on ADE20K images; here the policy's
 verifies them on the LLaVA-Instruct / COCO prompts the other methods use. The paper's
 learning rate did not survive text extraction: 2e-4, LLaVA-1.5's LoRA fine-tuning rate.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _llava7b():
-    spec = importlib.util.spec_from_file_location("configs_llava7b", pathlib.Path(__file__).with_name("llava7b.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from fisao_jax.config_base import load_config_file
 
 
 def get_config():
-    c = _llava7b()
+    c = load_config_file(pathlib.Path(__file__).with_name("llava7b.py"))
     c.method = "vigor"
     c.rollout.max_new_tokens = 512
     c.vigor = ml_collections.ConfigDict()
