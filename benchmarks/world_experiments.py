@@ -58,7 +58,16 @@ TABLES = {
         ("margin 20", "configs/tiny_margin20.py", []),
     ],
 }
-METRICS = ("CHAIRs", "CHAIRi", "Recall", "Len")
+METRICS = ("CHAIRs", "CHAIRi", "Recall", "Len", "degenerate")
+
+
+def degenerate_percent(captions: list[str]) -> float:
+    """% of captions that loop (a word three times in a row) or were cut off at the token
+    budget (no final period): the world's SFT captions never do either."""
+    def bad(text: str) -> bool:
+        w = text.split()
+        return any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2)) or not text.rstrip().endswith(".")
+    return 100.0 * sum(map(bad, captions)) / max(len(captions), 1)
 
 
 def run_name(config: str, extra: list[str]) -> str:
@@ -149,7 +158,11 @@ def collect(out: pathlib.Path, table: str, seeds: list[int]) -> list[dict]:
             if not (wd / "summary.json").exists():
                 continue
             summary = json.loads((wd / "summary.json").read_text())
-            metrics = summary["before" if cfg is None else "after"]
+            metrics = dict(summary["before" if cfg is None else "after"])
+            evals = ["eval_before.json"] if cfg is None else sorted(
+                (p.name for p in wd.glob("eval_after_*.json")), key=lambda n: int(n[len("eval_after_"):-5]))
+            captions = json.loads((wd / evals[-1]).read_text())["captions"]
+            metrics["degenerate"] = degenerate_percent([c["caption"] for c in captions])
             vals.append([float(metrics[k]) for k in METRICS])
             wall = pathlib.Path(str(wd) + ".wall")
             if cfg is not None and wall.exists():
@@ -164,7 +177,8 @@ def collect(out: pathlib.Path, table: str, seeds: list[int]) -> list[dict]:
 def markdown(rows: list[dict], with_wall: bool) -> str:
     """mean ± std over seeds; relative CHAIR_i change and recall change against the SFT row."""
     sft = next((r for r in rows if r["config"] is None), None)
-    head = ["", "CHAIR_s", "CHAIR_i", "Recall", "words", "ΔCHAIR_i vs SFT", "ΔRecall (pts)"]
+    head = ["", "CHAIR_s", "CHAIR_i", "Recall", "words", "looping / cut off %", "ΔCHAIR_i vs SFT",
+            "ΔRecall (pts)"]
     if with_wall:
         head.append("wall time / run (s)")
     lines = ["| " + " | ".join(head) + " | seeds |", "|" + "---|" * (len(head) + 1)]

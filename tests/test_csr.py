@@ -1,11 +1,7 @@
 """CSR: the calibrated sentence reward against hand-computed values, beam selection and the
 sentence-level beam search on a model with a known distribution (a scripted one), the
-jitted sentence sampler against a full forward of a tiny LLaVA, and a reduced run."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
+jitted sentence sampler against a full forward of a tiny LLaVA. The reduced run on the
+synthetic world is in test_world_methods.py."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +14,6 @@ from fisao_jax.models.llava import LlavaModel
 from fisao_jax.rollout import SamplingConfig
 from test_dpo import TINY, tiny_llava
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_calibrated_reward_hand_values():
@@ -198,32 +193,3 @@ def test_sentence_sampler_stops_at_sentence_ends_and_reports_model_logprobs():
         np.testing.assert_allclose(lp[r, :n], expect, rtol=1e-4, atol=1e-4)
     assert ended_by_stop >= 1 and ran_to_limit >= 1
     assert m[0].sum() == 0 and m[1].sum() == 1
-
-
-@pytest.mark.slow
-def test_reduced_csr_run_writes_a_summary(tmp_path):
-    import toy_world
-
-    paths = toy_world.make_toy_world(tmp_path / "world")
-    baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"s_c": 1.0, "s_h": -1.0, "s_min": -4.0, "s_max": 4.0}))
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fisao_jax.main", "--config=configs/csr_tiny.py", f"--workdir={workdir}",
-           f"--config.model.policy={paths['policy']}", f"--config.model.clip={paths['clip']}",
-           f"--config.model.tokenizer={paths['tokenizer']}", f"--config.reward.baseline_path={baseline}",
-           "--config.synthetic.num_train_prompts=16", "--config.eval.num_images=4", "--config.eval.batch_size=4",
-           "--config.eval.max_new_tokens=4", "--config.rollout.max_new_tokens=12", "--config.csr.num_prompts=4",
-           "--config.csr.prompt_batch_size=4", "--config.csr.max_sentence_tokens=6", "--config.csr.max_sentences=2",
-           "--config.csr.num_candidates=2", "--config.csr.beam_keep=1", "--config.dpo.batch_size=2",
-           "--config.dpo.epochs=1"]
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["method"] == "csr" and summary["iterations"] == 3
-    assert set(summary["after"]) >= {"CHAIRs", "CHAIRi", "Recall"}
-    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2, 3]
-    for i in (1, 2, 3):
-        pairs = [json.loads(l) for l in (workdir / f"pairs_{i}.jsonl").read_text().splitlines()]
-        assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fisao_jax import sharding
-from fisao_jax.models.llava import LlavaModel
 from fisao_jax.rollout import SamplingConfig, make_rollout, response_logprobs
 
 torch = pytest.importorskip("torch")

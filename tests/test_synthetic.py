@@ -117,7 +117,7 @@ def test_hallucination_rate_changes_only_the_injected_mentions():
 
 def test_each_object_is_drawn_in_its_cell_with_its_colour():
     cfg = WorldConfig(colour_jitter=0.0, noise_std=0.0)
-    size, third = cfg.image_size, cfg.image_size / 3
+    third = cfg.image_size / 3
     data = synthetic.make_dataset(cfg, 300, seed=11)
     seen_colours = set()
     for image, objects, gt, counts in zip(data["images"], data["objects"], data["gt_objects"], data["gt_counts"]):

@@ -1,12 +1,7 @@
 """ViGoR: refinement drops exactly the sentences holding rejected nouns (hand-written
 expected texts), penalties, selection and thresholds against hand values, the SFT loss
-against NumPy and its update against an SGD step on an independent gradient, and a
-reduced run."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
+against NumPy and its update against an SGD step on an independent gradient. The reduced
+run on the synthetic world is in test_world_methods.py."""
 import types
 
 import jax
@@ -24,7 +19,6 @@ from fisao_jax.rewards.entities import vocab_from_names
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans
 from test_dpo import MODEL, tiny_llava, tiny_pairs
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,30 +135,3 @@ def test_sft_update_is_an_sgd_step_on_an_independent_gradient():
     for got, g, old in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(grad), jax.tree.leaves(state.trainable)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(old - lr * g), rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) > 1e-3
-
-
-@pytest.mark.slow
-def test_reduced_vigor_run_writes_a_summary(tmp_path):
-    import toy_world
-
-    paths = toy_world.make_toy_world(tmp_path / "world")
-    baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"s_c": 1.0, "s_h": -1.0, "s_min": -4.0, "s_max": 4.0}))
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fisao_jax.main", "--config=configs/vigor_tiny.py", f"--workdir={workdir}",
-           f"--config.model.policy={paths['policy']}", f"--config.model.clip={paths['clip']}",
-           f"--config.model.tokenizer={paths['tokenizer']}", f"--config.reward.baseline_path={baseline}",
-           "--config.synthetic.num_train_prompts=16", "--config.eval.num_images=4", "--config.eval.batch_size=4",
-           "--config.eval.max_new_tokens=4", "--config.rollout.max_new_tokens=12", "--config.vigor.num_prompts=8",
-           "--config.vigor.prompt_batch_size=4", "--config.vigor.num_samples=2", "--config.sft.batch_size=4"]
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["method"] == "vigor" and summary["iterations"] == 2
-    assert set(summary["after"]) >= {"CHAIRs", "CHAIRi", "Recall"}
-    records = [json.loads(l) for l in (workdir / "vigor_samples.jsonl").read_text().splitlines()]
-    assert len(records) == 8
-    assert all(r["penalty"] == min(r["sample_penalties"]) for r in records)
-    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["vigor/targets"] >= 1

@@ -6,27 +6,35 @@ test session (~3 min on 2 cores; set FISAO_TEST_WORLD_CACHE to a folder to keep 
 sessions). The reference is ground truth: CHAIR counts object words against the exact
 object set of every generated scene, before and after training the same SFT model.
 """
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from fisao_jax.config_base import load_config_file
-from fisao_jax.methods import trainer_for
 
 pytestmark = pytest.mark.slow
 
-def _config(name: str, world_cache: str, **overrides):
-    c = load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / name)
+# FiSAO and ViGoR as configured; CSR on half of its prompts. Evaluation and calibration on
+# 128 scenes (REDUCED) instead of 256.
+FISAO_ITERATIONS = 64
+CSR_ITERATIONS, CSR_PROMPTS = 3, 128
+VIGOR_PROMPTS = 1024
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REDUCED = {"synthetic.num_calibration": 128, "eval.num_images": 128}
+
+
+def _config(name: str, world_cache: str):
+    c = load_config_file(ROOT / "configs" / name)
     c.world_cache = world_cache
-    c.synthetic.num_calibration = 128
-    c.eval.num_images = 128
-    for dotted, value in overrides.items():
-        node = c
-        *path, leaf = dotted.split("__")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    for dotted, value in REDUCED.items():
+        section, key = dotted.split(".")
+        c[section][key] = value
     return c
 
 
@@ -53,10 +61,17 @@ def baseline(world_cache, tmp_path_factory):
     return str(workdir / "baseline.json")
 
 
-def _run(name, world_cache, baseline, tmp_path, **overrides):
-    config = _config(name, world_cache, reward__baseline_path=baseline, **overrides)
-    summary = trainer_for(config.get("method", "fisao"))(config, tmp_path / "run")
-    return summary["before"], summary["after"]
+def _run(name, world_cache, baseline, workdir, **overrides):
+    """`python -m fisao_jax.main` on one CPU device (the test process fakes 8, which would
+    shard these small batches 8 ways on 2 cores); returns summary.json."""
+    flags = {"world_cache": world_cache, "reward.baseline_path": baseline, **REDUCED,
+             **{k.replace("__", "."): v for k, v in overrides.items()}}
+    cmd = [sys.executable, "-m", "fisao_jax.main", f"--config=configs/{name}", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in flags.items()]
+    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "summary.json").read_text())
 
 
 def _assert_lowered(before, after, at_most):
@@ -65,15 +80,27 @@ def _assert_lowered(before, after, at_most):
 
 
 def test_reduced_fisao_run_lowers_chair_i(world_cache, baseline, tmp_path):
-    before, after = _run("tiny.py", world_cache, baseline, tmp_path, train__num_iterations=24)
-    _assert_lowered(before, after, 0.9)
+    s = _run("tiny.py", world_cache, baseline, tmp_path, train__num_iterations=FISAO_ITERATIONS)
+    _assert_lowered(s["before"], s["after"], 0.8)
+    assert s["after"]["mean_mention_reward"] > s["before"]["mean_mention_reward"]  # paper Fig. 4: rewards shift up
+    assert (tmp_path / "reward_shift.png").stat().st_size > 0
 
 
 def test_reduced_csr_run_lowers_chair_i(world_cache, baseline, tmp_path):
-    before, after = _run("csr_tiny.py", world_cache, baseline, tmp_path, csr__iterations=1, csr__num_prompts=64)
-    _assert_lowered(before, after, 0.9)
+    # The mean sentence score (the authors' released code): with the paper's sum CSR's answers
+    # grow to the token budget on this world and CHAIR_i varies more by seed (benchmarks/RESULTS.md).
+    s = _run("csr_tiny.py", world_cache, baseline, tmp_path, csr__iterations=CSR_ITERATIONS,
+             csr__num_prompts=CSR_PROMPTS, csr__response_score="mean")
+    _assert_lowered(s["before"], s["after"], 0.9)
+    assert s["method"] == "csr" and s["iterations"] == CSR_ITERATIONS
+    for i in range(1, CSR_ITERATIONS + 1):
+        pairs = [json.loads(l) for l in (tmp_path / f"pairs_{i}.jsonl").read_text().splitlines()]
+        assert len(pairs) >= CSR_PROMPTS // 2 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
 
 
 def test_reduced_vigor_run_lowers_chair_i(world_cache, baseline, tmp_path):
-    before, after = _run("vigor_tiny.py", world_cache, baseline, tmp_path, vigor__num_prompts=256)
-    _assert_lowered(before, after, 0.9)
+    s = _run("vigor_tiny.py", world_cache, baseline, tmp_path, vigor__num_prompts=VIGOR_PROMPTS)
+    _assert_lowered(s["before"], s["after"], 0.9)
+    records = [json.loads(l) for l in (tmp_path / "vigor_samples.jsonl").read_text().splitlines()]
+    assert len(records) == VIGOR_PROMPTS
+    assert all(r["penalty"] == min(r["sample_penalties"]) for r in records)
