@@ -9,7 +9,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fisao_jax import ppo
 from fisao_jax.models import configs as C

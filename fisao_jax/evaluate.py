@@ -7,7 +7,7 @@ Evaluation sets are lists of batches: {'input_ids', 'attention_mask', 'pixel_val
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from fisao_jax import ppo
 from fisao_jax.models.clip import CLIPModel

@@ -17,7 +17,6 @@ COCO calibration / CHAIR evaluation images for real checkpoints.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import numpy as np
 
@@ -60,7 +59,6 @@ class CocoTask:
     def __init__(self, config, workdir: pathlib.Path):
         from fisao_jax.data import coco, image, llava_instruct
         from fisao_jax.eval import chair
-        from fisao_jax.models.configs import llava_from_hf
         from fisao_jax.models.hf_io import read_hf_config, CONVERTED_CONFIG
         from fisao_jax.rewards.entities import load_entity_vocab
 

@@ -26,7 +26,7 @@ from fisao_jax import sharding as sharding_lib
 from fisao_jax.checkpoint import Checkpointer
 from fisao_jax.config_checks import validate_config
 from fisao_jax.evaluate import chair_metrics, generate, mention_labels, mention_rewards
-from fisao_jax.params import merge_params, split_params
+from fisao_jax.params import merge_params
 from fisao_jax.rewards import verifier
 from fisao_jax.rewards.baseline import BaselineScores, plot_reward_shift, plot_score_histograms
 from fisao_jax.rewards.spans import build_span_table
