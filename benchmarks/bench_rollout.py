@@ -123,7 +123,7 @@ def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
     def prefill(p, ids, mask, pixels):
         cache = init_cache(module.cfg.text, b, t + new, module.dtype)
         return module.apply({"params": p}, ids, pixels, mask, default_position_ids(mask), cache, key_mask,
-                            method=LlavaModel.forward)
+                            logits_from=t - 1, method=LlavaModel.forward)  # LM head at the last position, as the rollout
 
     out = prefill(params, ids, mask, pixels)
 

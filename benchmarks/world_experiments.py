@@ -203,11 +203,13 @@ def plot(all_rows: dict[str, list[dict]], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, chair, recall = [], [], []
+    labels, chair, recall, seen = [], [], [], set()
     for table, rows in all_rows.items():
         for r in rows:
-            if r["config"] is None and labels and "SFT" in labels:
+            setting = (r["config"], tuple(r["flags"]))
+            if setting in seen:  # e.g. FiSAO = margin 10 = token-level reward: one bar
                 continue
+            seen.add(setting)
             labels.append(r["row"])
             chair.append(r["values"][:, 1])
             recall.append(r["values"][:, 2])
@@ -259,7 +261,7 @@ def main() -> int:
         print(f"all runs: {time.time() - t0:.0f} s", flush=True)
 
     info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cores": len(os.sched_getaffinity(0)),
-            "jobs": a.jobs, "overrides": a.overrides, "python": platform.python_version(), "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+            "jobs": None if a.report_only else a.jobs, "overrides": a.overrides, "python": platform.python_version(), "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     text = [f"machine: {info}", ""]
     all_rows = {}
     for table in a.tables:
