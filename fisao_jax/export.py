@@ -376,7 +376,10 @@ def hf_config_dict(cfg: C.LlavaConfig, dtype: str = "float16") -> dict:
 
 
 def _base_config(cfg: C.LlavaConfig) -> C.LlavaConfig:
-    return dataclasses.replace(cfg, lora=C.LoRAConfig())
+    """`cfg` without LoRA and with head_dim spelled out (config.json always writes it, so a
+    config that left it None reads back with the derived value)."""
+    text = dataclasses.replace(cfg.text, head_dim=cfg.text.dims_per_head)
+    return dataclasses.replace(cfg, lora=C.LoRAConfig(), text=text)
 
 
 # ----------------------------------------------------------------------------- export

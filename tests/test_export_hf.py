@@ -106,6 +106,22 @@ def test_exported_folder_gives_our_logits_in_transformers(tiny, tmp_path):
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"] and cfg["image_seq_length"] == 4
 
 
+def test_config_without_head_dim_exports(tiny, tmp_path):
+    """A hand-made config may leave head_dim None (derived from hidden / heads); config.json
+    spells it out, and the export still checks and loads in transformers."""
+    import dataclasses
+
+    root, _ = tiny
+    module, params = llava_lib.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(1))
+    cfg = dataclasses.replace(module.cfg, text=dataclasses.replace(module.cfg.text, head_dim=None))
+    export.export_llava(params, cfg, tmp_path / "out", dtype="float32", progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert written["head_dim"] == written["hidden_size"] // written["num_attention_heads"]
+    ids, mask, pixels, _ = _inputs(module)
+    ref = _hf_logits(tmp_path / "out", ids, mask, pixels)
+    assert np.abs(_our_logits(module, params, ids, mask, pixels) - ref)[mask.astype(bool)].max() <= 1e-4
+
+
 def test_cli_adapter_on_converted_folder_sharded_round_trip(tiny, tmp_path):
     root, _ = tiny
     module, params = llava_lib.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(2))
