@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     from fisao_jax import ppo
     from fisao_jax.params import merge_params
     from fisao_jax.scoring import make_policy_fn, make_score_fn
-    from fisao_jax.train import _replicate_unsharded, build_setup
+    from fisao_jax.train import replicate_unsharded, build_setup
 
     config = tiny_config()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                                          num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
                                          clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef))
     score = make_score_fn(setup.module, setup.clip_module, setup.settings)
-    state = _replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
+    state = replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
 
     rows, flops = [], None
     for it in range(args.iterations + 1):

@@ -185,7 +185,8 @@ def _jsonable(x):
     return x.item() if hasattr(x, "item") else x
 
 
-def _cached_json(path: pathlib.Path, compute):
+def cached_json(path: pathlib.Path, compute):
+    """The JSON at `path` if it exists (a resumed run), else `compute()` written there."""
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
@@ -195,7 +196,8 @@ def _cached_json(path: pathlib.Path, compute):
     return value
 
 
-def _check_fresh_or_resumable(workdir: pathlib.Path, latest: Optional[int]) -> None:
+def check_fresh_or_resumable(workdir: pathlib.Path, latest: Optional[int]) -> None:
+    """Refuse a workdir that holds training metrics but no checkpoint to resume from."""
     if latest is None and (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip():
         raise RuntimeError(
             f"{workdir} holds training metrics but no readable checkpoint under {workdir / 'checkpoints'}: "
@@ -209,13 +211,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
-    _check_fresh_or_resumable(workdir, latest)
+    check_fresh_or_resumable(workdir, latest)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
     t_setup = time.time()
     setup = build_setup(config, workdir)
     baseline = calibrate(setup, config, workdir)
-    before = _cached_json(workdir / "eval_before.json",
+    before = cached_json(workdir / "eval_before.json",
                           lambda: evaluate(setup, setup.params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
 
     p = config.ppo
@@ -224,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                  ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
                                  clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef)
     score = make_score_fn(setup.module, setup.clip_module, setup.settings)
-    pstate = _replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
+    pstate = replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
     state = {"trainable": pstate.trainable, "opt_state": pstate.opt_state, "step": pstate.step,
              "iteration": jnp.zeros((), jnp.int32), "data_position": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(config.seed), "nonfinite_total": jnp.zeros((), jnp.int32),
@@ -306,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     from fisao_jax.export import save_adapter
 
     save_adapter(final_params, setup.module.cfg.lora, workdir / "adapter", base=setup.task.policy_dir, overwrite=True)
-    after = _cached_json(workdir / f"eval_after_{num_iterations}.json",
+    after = cached_json(workdir / f"eval_after_{num_iterations}.json",
                          lambda: evaluate(setup, final_params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
     if before["mention_rewards"] and after["mention_rewards"]:
         plot_reward_shift(before["mention_rewards"], after["mention_rewards"], workdir / "reward_shift.png")
@@ -316,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return summary
 
 
-def _replicate_unsharded(tree: Any, mesh) -> Any:
+def replicate_unsharded(tree: Any, mesh) -> Any:
     """Put leaves that live on one device (optimizer counters, step) on the mesh, replicated.
 
     The update returns every leaf with a mesh sharding; an initial state with the same

@@ -91,7 +91,7 @@ def start_run(config, workdir, method: str) -> MethodRun:
 
     from fisao_jax.checkpoint import Checkpointer
     from fisao_jax.config_checks import validate_config
-    from fisao_jax.train import _cached_json, _check_fresh_or_resumable, build_setup, calibrate, evaluate
+    from fisao_jax.train import cached_json, check_fresh_or_resumable, build_setup, calibrate, evaluate
 
     started = time.time()
     validate_config(config)
@@ -99,11 +99,11 @@ def start_run(config, workdir, method: str) -> MethodRun:
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
-    _check_fresh_or_resumable(workdir, latest)
+    check_fresh_or_resumable(workdir, latest)
     _atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     setup = build_setup(config, workdir)
     baseline = calibrate(setup, config, workdir)
-    before = _cached_json(workdir / "eval_before.json",
+    before = cached_json(workdir / "eval_before.json",
                           lambda: evaluate(setup, setup.params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
     return MethodRun(method, workdir, setup, baseline, before, ckpt, latest, started)
 
@@ -114,9 +114,9 @@ def finish_run(run: MethodRun, config, params, iterations: int, extra: Optional[
     import jax
 
     from fisao_jax.rewards.baseline import plot_reward_shift
-    from fisao_jax.train import _cached_json, evaluate
+    from fisao_jax.train import cached_json, evaluate
 
-    after = _cached_json(run.workdir / f"eval_after_{iterations}.json",
+    after = cached_json(run.workdir / f"eval_after_{iterations}.json",
                          lambda: evaluate(run.setup, params, config, run.baseline, jax.random.PRNGKey(config.seed + 3)))
     if run.before["mention_rewards"] and after["mention_rewards"]:
         plot_reward_shift(run.before["mention_rewards"], after["mention_rewards"], run.workdir / "reward_shift.png")

@@ -444,7 +444,7 @@ def train(config, workdir) -> dict:
     from fisao_jax import methods, ppo
     from fisao_jax.methods import dpo as dpo_lib
     from fisao_jax.params import merge_params
-    from fisao_jax.train import MetricsLog, _replicate_unsharded
+    from fisao_jax.train import MetricsLog, replicate_unsharded
 
     validate(config)
     run = methods.start_run(config, workdir, "csr")
@@ -480,7 +480,7 @@ def train(config, workdir) -> dict:
                                                                                      d.batch_size)
             dstate = ppo.PPOState(state["trainable"], frozen, optimizer.init(state["trainable"]),
                                   jnp.zeros((), jnp.int32))  # a fresh optimizer every iteration
-            dstate = dstate._replace(opt_state=_replicate_unsharded(dstate.opt_state, setup.mesh))
+            dstate = dstate._replace(opt_state=replicate_unsharded(dstate.opt_state, setup.mesh))
             dstate, upd, skipped = methods.train_epochs(update, dstate, data, chunk, d.epochs,
                                                         np.random.default_rng([config.seed, it]))
             state = dict(state, trainable=dstate.trainable)

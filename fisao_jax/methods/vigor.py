@@ -193,7 +193,7 @@ def train(config, workdir) -> dict:
     from fisao_jax import methods, ppo
     from fisao_jax.methods.sft import make_sft_update
     from fisao_jax.params import merge_params
-    from fisao_jax.train import MetricsLog, _replicate_unsharded
+    from fisao_jax.train import MetricsLog, replicate_unsharded
 
     validate(config)
     run = methods.start_run(config, workdir, "vigor")
@@ -217,7 +217,7 @@ def train(config, workdir) -> dict:
     optimizer = ppo.make_optimizer(s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm or None)
     pstate = ppo.init_ppo_state(setup.params, optimizer)
     frozen = pstate.frozen
-    state = {"trainable": pstate.trainable, "opt_state": _replicate_unsharded(pstate.opt_state, setup.mesh),
+    state = {"trainable": pstate.trainable, "opt_state": replicate_unsharded(pstate.opt_state, setup.mesh),
              "step": pstate.step, "epoch": jnp.zeros((), jnp.int32)}
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)

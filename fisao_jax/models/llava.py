@@ -51,7 +51,9 @@ class MultiModalProjector(nn.Module):
         return nn.Dense(self.out_features, name="linear_2", **kw)(x)
 
 
-def _feature_indices(layer: Union[int, Sequence[int]], num_layers: int) -> tuple[int, ...]:
+def feature_indices(layer: Union[int, Sequence[int]], num_layers: int) -> tuple[int, ...]:
+    """Indices into the vision tower's hidden states (0 = embeddings) of `vision_feature_layer`
+    (negative counts from the end, as in transformers); ValueError when out of range."""
     layers = (layer,) if isinstance(layer, int) else tuple(layer)
     idx = tuple(l if l >= 0 else num_layers + 1 + l for l in layers)
     for l, i in zip(layers, idx):
@@ -80,7 +82,7 @@ class LlavaModel(nn.Module):
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """[N_img, 3, H, W] -> projected features [N_img, num_image_tokens, D_text]."""
         c = self.cfg
-        idx = _feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
+        idx = feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
         run = c.vision.num_hidden_layers if self.is_initializing() else max(idx)
         hidden, _ = self.vision_tower(pixel_values, num_layers=run)
         feats = jnp.concatenate([hidden[i] for i in idx], axis=-1)

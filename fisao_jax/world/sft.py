@@ -31,7 +31,7 @@ from fisao_jax.data.synthetic import WorldConfig, chair_synonym_lines, prompt_te
 from fisao_jax.eval import chair
 from fisao_jax.models import hf_io
 from fisao_jax.models.configs import CLIPConfig, LlamaConfig, LlavaConfig
-from fisao_jax.models.llava import LlavaModel, _feature_indices
+from fisao_jax.models.llava import LlavaModel, feature_indices
 from fisao_jax.rollout import SamplingConfig, make_rollout
 from fisao_jax.world.configs import SftSettings, pixel_values
 
@@ -76,7 +76,7 @@ def init_llava_params(cfg: LlavaConfig, clip_params: Any, key: jax.Array) -> dic
 
 def _tower_features(m: LlavaModel, pixel_values):
     c = m.cfg
-    idx = _feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
+    idx = feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
     hidden, _ = m.vision_tower(pixel_values, num_layers=max(idx))
     feats = jnp.concatenate([hidden[i] for i in idx], axis=-1)
     return feats[:, 1:] if c.vision_feature_select_strategy == "default" else feats
