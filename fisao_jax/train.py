@@ -23,8 +23,6 @@ import numpy as np
 
 from fisao_jax import ppo
 from fisao_jax import sharding as sharding_lib
-from fisao_jax.checkpoint import Checkpointer
-from fisao_jax.config_checks import validate_config
 from fisao_jax.evaluate import chair_metrics, generate, mention_labels, mention_rewards
 from fisao_jax.params import merge_params
 from fisao_jax.rewards import verifier
@@ -206,19 +204,10 @@ def check_fresh_or_resumable(workdir: pathlib.Path, latest: Optional[int]) -> No
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Run (or resume) FiSAO in `workdir`; returns the summary also written to summary.json."""
-    validate_config(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    check_fresh_or_resumable(workdir, latest)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    from fisao_jax.methods import start_run
 
-    t_setup = time.time()
-    setup = build_setup(config, workdir)
-    baseline = calibrate(setup, config, workdir)
-    before = cached_json(workdir / "eval_before.json",
-                          lambda: evaluate(setup, setup.params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
+    run = start_run(config, workdir, "fisao")
+    workdir, ckpt, latest, setup, baseline, before = run.workdir, run.ckpt, run.latest, run.setup, run.baseline, run.before
 
     p = config.ppo
     optimizer = ppo.make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
@@ -241,7 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                            int(state["nonfinite_streak"]))
     log = MetricsLog(workdir, start)
     baseline_kw = baseline.reward_kwargs()  # with kind 'none' only the span statistics use it
-    print(f"setup {time.time() - t_setup:.1f}s; training iterations {start}..{num_iterations}")
+    print(f"setup {time.time() - run.started:.1f}s; training iterations {start}..{num_iterations}")
 
     from tqdm.auto import tqdm
     bar = tqdm(range(start, num_iterations), initial=start, total=num_iterations, desc="FiSAO", unit="it")
@@ -309,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     save_adapter(final_params, setup.module.cfg.lora, workdir / "adapter", base=setup.task.policy_dir, overwrite=True)
     after = cached_json(workdir / f"eval_after_{num_iterations}.json",
-                         lambda: evaluate(setup, final_params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
+                        lambda: evaluate(setup, final_params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
     if before["mention_rewards"] and after["mention_rewards"]:
         plot_reward_shift(before["mention_rewards"], after["mention_rewards"], workdir / "reward_shift.png")
     summary = _summary(config, baseline, before, after, num_iterations, guard)

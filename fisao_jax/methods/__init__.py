@@ -72,7 +72,7 @@ def check_section(config, section: str, positive_ints: tuple = (), positive: tup
 
 @dataclasses.dataclass
 class MethodRun:
-    """What a method's trainer gets from `start_run`."""
+    """What a method's trainer (FiSAO's included) gets from `start_run`."""
 
     method: str
     workdir: pathlib.Path
@@ -104,7 +104,7 @@ def start_run(config, workdir, method: str) -> MethodRun:
     setup = build_setup(config, workdir)
     baseline = calibrate(setup, config, workdir)
     before = cached_json(workdir / "eval_before.json",
-                          lambda: evaluate(setup, setup.params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
+                         lambda: evaluate(setup, setup.params, config, baseline, jax.random.PRNGKey(config.seed + 3)))
     return MethodRun(method, workdir, setup, baseline, before, ckpt, latest, started)
 
 
@@ -117,7 +117,7 @@ def finish_run(run: MethodRun, config, params, iterations: int, extra: Optional[
     from fisao_jax.train import cached_json, evaluate
 
     after = cached_json(run.workdir / f"eval_after_{iterations}.json",
-                         lambda: evaluate(run.setup, params, config, run.baseline, jax.random.PRNGKey(config.seed + 3)))
+                        lambda: evaluate(run.setup, params, config, run.baseline, jax.random.PRNGKey(config.seed + 3)))
     if run.before["mention_rewards"] and after["mention_rewards"]:
         plot_reward_shift(run.before["mention_rewards"], after["mention_rewards"], run.workdir / "reward_shift.png")
     keys = ("CHAIRs", "CHAIRi", "Recall", "Len", "mean_mention_reward")
