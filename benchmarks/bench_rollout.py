@@ -11,8 +11,10 @@ reported separately; warmup calls are not timed; implementations are timed round
 speedups are given on the median and on the fastest call (the steadier estimate on a machine
 shared with other work). GFLOP/s = the FLOPs a greedy call needs at least (`call_flops`) / its
 fastest time, next to the machine's float32 matmul peak: no implementation can beat another
-by more than peak / that one's GFLOP/s. `--profile` splits our time into the prefill and the per-step cost of
-the decode loop ((rollout - prefill) / (new - 1)), next to one decode step run alone.
+by more than peak / that one's GFLOP/s; the memory stream rate bounds the memory-bound decode
+steps the same way (weights + KV cache read per step). `--profile` splits our time into the
+prefill and the per-step cost of the decode loop ((rollout - prefill) / (new - 1)), next to
+one decode step run alone.
 
     python benchmarks/bench_rollout.py                 # tiny + 50m, batch 8/32, 64/256 new tokens
                                                        # (~7 min on 2 idle cores, far longer under load)
@@ -87,23 +89,6 @@ def call_flops(size: str, batch: int, prompt: int, new: int) -> float:
     prefill = 2 * prompt * n_layers * layer_weights + n_layers * 2 * prompt * prompt * h + 2 * h * vocab
     steps = sum(2 * n_layers * layer_weights + 2 * h * vocab + n_layers * 4 * (prompt + i) * h for i in range(1, new))
     return float(batch * (vision + projector + prefill + steps))
-
-
-def matmul_peak(threads_note: str = "") -> float:
-    """GFLOP/s of the best of a few 2048^3 float32 matmuls (torch and XLA, same cores)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    n = 2048
-    a = torch.randn(n, n)
-    ja = jnp.asarray(a.numpy())
-    mm = jax.jit(lambda x: x @ x)
-    mm(ja).block_until_ready()
-    torch.mm(a, a)
-    best = min(min(common.time_calls(lambda: torch.mm(a, a), 3)),
-               min(common.time_calls(lambda: mm(ja).block_until_ready(), 3)))
-    return 2 * n ** 3 / best / 1e9
 
 
 def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
@@ -244,7 +229,8 @@ def main(argv=None) -> int:
             rows += r
             prof_rows += p
     print(f"load after: {common.load_average()}")
-    print(f"float32 matmul peak on these cores (2048^3, best of torch / XLA): {matmul_peak():.1f} GFLOP/s")
+    print(f"float32 matmul peak on these cores (jitted 2048^3, fastest of 5): {common.matmul_peak_gflops():.1f} GFLOP/s")
+    print(f"memory stream on these cores (jitted sum over 512 MB, fastest of 5): {common.stream_gbps():.1f} GB/s")
     print()
     print(common.markdown_table(
         ["size", "params", "batch", "prompt", "new", "impl", "compile s", "median s", "min s",

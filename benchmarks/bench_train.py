@@ -10,7 +10,6 @@ from XLA's cost analysis of the compiled update.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -23,13 +22,14 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    from fisao_jax.config_base import load_config_file
+
+    return load_config_file(ROOT / "configs" / "tiny.py")
 
 
 def random_world(config, root: pathlib.Path) -> dict:
@@ -59,16 +59,6 @@ def random_world(config, root: pathlib.Path) -> dict:
                                                               "config": C.to_dict(cfg)}))
         out[name] = str(folder)
     return out
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        f(a).block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
 
 
 def main(argv=None) -> None:
@@ -125,7 +115,7 @@ def main(argv=None) -> None:
     med = np.median(timed, axis=0)
     tokens = rows[-1][3]
     gf_update = flops / med[2] / 1e9
-    gf_matmul = matmul_gflops()
+    gf_matmul = common.matmul_peak_gflops()
     total = med.sum()
     cfg = setup.module.cfg
     print(f"\nconfig: batch {config.train.batch_size}, prompt {b['input_ids'].shape[1]} tokens "

@@ -159,6 +159,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return out
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the fastest of `repeats` jitted float32 n^3 matmuls (XLA, this process's cores)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / min(time_calls(lambda: f(a).block_until_ready(), repeats)) / 1e9
+
+
+def stream_gbps(mbytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of the fastest of `repeats` jitted sums over a float32 array of `mbytes` MB: the rate
+    a memory-bound step can read weights and caches at."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mbytes * 2 ** 20 // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    return x.nbytes / min(time_calls(lambda: f(x).block_until_ready(), repeats)) / 1e9
+
+
 def median(xs: Sequence[float]) -> float:
     """Median of a non-empty sequence."""
     return statistics.median(xs)

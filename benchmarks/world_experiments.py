@@ -18,11 +18,13 @@ a 2-core machine, but per-run wall times then count one core each. Outputs in --
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
 import pathlib
 import platform
+import queue
 import subprocess
 import sys
 import time
@@ -98,53 +100,35 @@ def run_all(out: pathlib.Path, settings: list[tuple[str, list[str]]], seeds: lis
         return
     baseline = out / "baseline.json"
     cores = sorted(os.sched_getaffinity(0))
-    env = dict(os.environ)
+    free_cores: queue.Queue = queue.Queue()
+    for slot in range(jobs):
+        free_cores.put(cores[slot % len(cores)])
 
-    def start(cfg, extra, seed, slot):
+    def run_one(cfg: str, extra: list[str], seed: int) -> None:
         wd = out / f"{run_name(cfg, extra)}_s{seed}"
-        log = open(str(wd) + ".log", "w")
-        use = baseline if baseline.exists() else None
+        cmd = _command(cfg, extra + common, wd, seed, baseline if baseline.exists() else None)
         # One core per run when several run at once: XLA's thread pool follows the affinity mask.
-        core = [cores[slot % len(cores)]] if jobs > 1 else None
-        proc = subprocess.Popen(_command(cfg, extra + common, wd, seed, use), cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, core)) if core else None)
-        return proc, log, wd, time.time(), slot
+        core = free_cores.get()
+        pin = (lambda: os.sched_setaffinity(0, [core])) if jobs > 1 else None
+        t0 = time.time()
+        try:
+            with open(str(wd) + ".log", "w") as log:
+                rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin).returncode
+        finally:
+            free_cores.put(core)
+        wall = time.time() - t0
+        pathlib.Path(str(wd) + ".wall").write_text(f"{wall:.1f}\n")
+        status = "ok" if rc == 0 else f"FAILED rc={rc} (see {wd}.log)"
+        print(f"{wd.name}: {status}, {wall:.0f} s", flush=True)
+        if not baseline.exists() and (wd / "baseline.json").exists():
+            baseline.write_text((wd / "baseline.json").read_text())
 
     # The first run alone: it builds or loads the world and writes the shared baseline.json.
-    running = []
-    first = pending.pop(0)
-    running.append(start(*first, 0))
     if not baseline.exists():
-        _wait(running, out, baseline, block_all=True)
-    free = [s for s in range(jobs) if s not in {r[4] for r in running}]
-    while pending or running:
-        while pending and free:
-            running.append(start(*pending.pop(0), free.pop(0)))
-        free += _wait(running, out, baseline, block_all=False)
-
-
-def _wait(running: list, out: pathlib.Path, baseline: pathlib.Path, block_all: bool) -> list[int]:
-    """Wait for one (or every) running job; report it; return the freed slots."""
-    freed = []
-    while running:
-        for item in list(running):
-            proc, log, wd, t0, slot = item
-            if proc.poll() is None:
-                continue
-            log.close()
-            wall = time.time() - t0
-            (pathlib.Path(str(wd) + ".wall")).write_text(f"{wall:.1f}\n")
-            status = "ok" if proc.returncode == 0 else f"FAILED rc={proc.returncode} (see {wd}.log)"
-            print(f"{wd.name}: {status}, {wall:.0f} s", flush=True)
-            if not baseline.exists() and (wd / "baseline.json").exists():
-                baseline.write_text((wd / "baseline.json").read_text())
-            running.remove(item)
-            freed.append(slot)
-        if freed and not block_all:
-            return freed
-        time.sleep(1.0)
-    return freed
+        run_one(*pending.pop(0))
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for done in [pool.submit(run_one, *p) for p in pending]:
+            done.result()
 
 
 def collect(out: pathlib.Path, table: str, seeds: list[int]) -> list[dict]:
