@@ -20,12 +20,15 @@ one decode step run alone.
                                                        # (~7 min on 2 idle cores, far longer under load)
     python benchmarks/bench_rollout.py --quick         # 50m, batch 8, 64 new tokens, 2 repeats
     python benchmarks/bench_rollout.py --profile       # also: prefill and one decode step timed alone
+    python benchmarks/bench_rollout.py --ops           # also: a decode step's time by operation
+                                                       # (XLA profiler, see op_profile.py)
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -34,6 +37,19 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
+import op_profile  # noqa: E402
+
+from fisao_jax.rollout import SamplingConfig  # noqa: E402
+
+# A decode step's operations, in the order the --ops table lists them: (category, test on the label).
+STEP_CATEGORIES = (
+    ("LM head matmul", lambda op: "lm_head/dot_general" in op),
+    ("MLP matmuls (gate, up, down)", lambda op: "/mlp/" in op and op.endswith("dot_general")),
+    ("attention projections (q, k, v, o)", lambda op: re.search(r"self_attn/[qkvo]_proj/dot_general$", op)),
+    ("attention q.k and p.v (batched dots)", lambda op: op.startswith("dot ") or "bkgts" in op),
+    ("KV cache writes", lambda op: "self_attn/dynamic_update_slice" in op),
+    ("everything else (norms, softmax, sampling, bookkeeping)", lambda op: True),
+)
 
 
 def _pick_eos(avoid: set[int], vocab: int, preferred: int = 2) -> int:
@@ -58,10 +74,10 @@ def _agreement(ours: np.ndarray, ref: np.ndarray, image_token: int) -> str:
     return text
 
 
-def _compile_rollout(module, params, j_args, new: int, eos: int):
+def _compile_rollout(module, params, j_args, new: int, eos: int, decode_chunk: int):
     from fisao_jax.rollout import SamplingConfig, make_rollout, validate_inputs
 
-    cfg = SamplingConfig(max_new_tokens=new, greedy=True, eos_token_id=eos, pad_token_id=0)
+    cfg = SamplingConfig(max_new_tokens=new, greedy=True, eos_token_id=eos, pad_token_id=0, decode_chunk=decode_chunk)
     roll = make_rollout(module, cfg)
     validate_inputs(module, *j_args[:3], cfg)  # what `roll` checks on the host before its jitted call
     t0 = time.perf_counter()
@@ -129,9 +145,19 @@ def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
     return {k: min(v) for k, v in times.items()}
 
 
+def step_breakdown(compiled, params, j_args, new: int) -> dict[str, float]:
+    """ms per decode step by category (STEP_CATEGORIES) from one traced rollout call."""
+    out = {name: 0.0 for name, _ in STEP_CATEGORIES}
+    # operations that ran more than once belong to the decode loops (the prefill runs once)
+    for label, _, ms in op_profile.per_op(compiled, (params, *j_args), per=new - 1, min_count=2):
+        out[next(name for name, test in STEP_CATEGORIES if test(label))] += ms
+    return out
+
+
 def bench_size(size: str, batches: list[int], news: list[int], repeats: int, attns: list[str],
-               profile: bool, pbar=None) -> tuple[list[list], list[list]]:
-    """(results rows, profile rows) for one model size."""
+               profile: bool, pbar=None, ops: bool = False,
+               decode_chunk: int = SamplingConfig.decode_chunk) -> tuple[list[list], list[list], list[list]]:
+    """(results rows, profile rows, op-breakdown rows) for one model size."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -141,7 +167,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
     s = common.SIZES[size]
     n_img = (s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2
     prompt_len = n_img + 32
-    rows, prof_rows = [], []
+    rows, prof_rows, op_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         n_params = common.save_random_llava(pathlib.Path(tmp), size)
         module, params = llava_lib.from_hf(tmp)
@@ -155,7 +181,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
         seen = {s["image_token_index"], 0}
         eos = 2
         for _ in range(3):
-            compiled, compile_s = _compile_rollout(module, params, j_args, new, eos)
+            compiled, compile_s = _compile_rollout(module, params, j_args, new, eos, decode_chunk)
             ours = np.asarray(compiled(params, *j_args).tokens)
             t_args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
@@ -181,7 +207,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
         gflop = call_flops(size, batch, prompt_len, new) / 1e9
         for impl in runs:
             rows.append(label + [
-                "ours (jit while_loop)" if impl == "ours" else f"transformers {impl}",
+                f"ours (jit, decode_chunk {decode_chunk})" if impl == "ours" else f"transformers {impl}",
                 compile_s if impl == "ours" else float("nan"),
                 med[impl], best[impl], toks / med[impl], toks / best[impl],
                 med[impl] / med["ours"], best[impl] / best["ours"], gflop / best[impl], agree.get(impl, "-")])
@@ -190,9 +216,14 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
             loop = (best["ours"] - p["prefill"]) / (new - 1)
             prof_rows.append(label + [best["ours"] * 1e3, p["prefill"] * 1e3, p["step"] * 1e3, loop * 1e3,
                                       loop / p["step"]])
+        if ops:
+            cats = step_breakdown(compiled, params, j_args, new)
+            total = sum(cats.values())
+            op_rows += [label + [name, ms, f"{100 * ms / total:.0f}%"] for name, ms in cats.items()]
+            op_rows.append(label + ["sum (traced)", total, "100%"])
         if pbar is not None:
             pbar.update()
-    return rows, prof_rows
+    return rows, prof_rows, op_rows
 
 
 def main(argv=None) -> int:
@@ -208,6 +239,10 @@ def main(argv=None) -> int:
                     help="cores for torch and XLA (0 = all available; fewer pins the process)")
     ap.add_argument("--profile", action="store_true",
                     help="also time the prefill and a single decode step alone (per case)")
+    ap.add_argument("--decode_chunk", type=int, default=SamplingConfig.decode_chunk,
+                    help="our decode steps per loop (the cache grows between loops; 0 = one loop)")
+    ap.add_argument("--ops", action="store_true",
+                    help="also break a decode step down by operation (one call under the XLA profiler)")
     ap.add_argument("--quick", action="store_true", help="50m only, batch 8, 64 new tokens, 2 repeats")
     args = ap.parse_args(argv)
     if args.quick:
@@ -219,15 +254,16 @@ def main(argv=None) -> int:
     common.quiet_transformers()
     info = common.machine_info()
     common.print_machine(info)
-    rows, prof_rows = [], []
+    rows, prof_rows, op_rows = [], [], []
     sizes = args.sizes.split(",")
     batches, news = [int(x) for x in args.batches.split(",")], [int(x) for x in args.new.split(",")]
     with tqdm(total=len(sizes) * len(batches) * len(news), desc="cases", file=sys.stderr) as pbar:
         for size in sizes:
-            r, p = bench_size(size, batches, news, args.repeats, [a for a in args.attn.split(",") if a], args.profile,
-                              pbar)
+            r, p, o = bench_size(size, batches, news, args.repeats, [a for a in args.attn.split(",") if a],
+                                 args.profile, pbar, args.ops, args.decode_chunk)
             rows += r
             prof_rows += p
+            op_rows += o
     print(f"load after: {common.load_average()}")
     print(f"float32 matmul peak on these cores (jitted 2048^3, fastest of 5): {common.matmul_peak_gflops():.1f} GFLOP/s")
     print(f"memory stream on these cores (jitted sum over 512 MB, fastest of 5): {common.stream_gbps():.1f} GB/s")
@@ -241,6 +277,11 @@ def main(argv=None) -> int:
         print(common.markdown_table(
             ["size", "params", "batch", "prompt", "new", "rollout ms (min)", "prefill alone ms (min)",
              "1 step alone ms (min)", "loop ms/step", "loop step / step alone"], prof_rows))
+    if op_rows:
+        print()
+        print("decode step by operation (one traced call; tracing inflates the total, compare shares):")
+        print(common.markdown_table(["size", "params", "batch", "prompt", "new", "operations", "ms/step (traced)",
+                                     "share"], op_rows))
     return 0
 
 

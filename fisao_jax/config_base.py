@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_k = 0
     c.rollout.top_p = 1.0
+    c.rollout.decode_chunk = 128  # decode steps per loop over a cache grown between loops (0 = one loop)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.kind = "token"       # 'token' (FiSAO) | 'sentence' | 'none' (KL only)

@@ -8,7 +8,7 @@ REQUIRED = {
     "task": str,
     "model.dtype": str, "model.lora_rank": int, "model.lora_alpha": (int, float), "model.lora_dropout": (int, float), "model.remat": bool,
     "rollout.max_new_tokens": int, "rollout.temperature": (int, float), "rollout.top_k": int,
-    "rollout.top_p": (int, float),
+    "rollout.top_p": (int, float), "rollout.decode_chunk": int,
     "reward.kind": str, "reward.margin": (int, float), "reward.kl_coef": (int, float), "reward.template": str,
     "reward.baseline_low_pct": (int, float), "reward.baseline_high_pct": (int, float),
     "ppo.lr": (int, float), "ppo.ppo_epochs": int, "ppo.num_minibatches": int, "ppo.clip_eps": (int, float),
@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in positive:
         if not _get(config, key) > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {_get(config, key)!r}")
-    for key in ("reward.margin", "reward.kl_coef", "model.lora_rank", "train.num_iterations"):
+    for key in ("reward.margin", "reward.kl_coef", "model.lora_rank", "train.num_iterations", "rollout.decode_chunk"):
         if _get(config, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)!r}")
     if not 0 < config.rollout.top_p <= 1:

@@ -1,17 +1,20 @@
-"""Jitted rollout for LLaVA: prefill (image + left-padded prompt) then a KV-cache decode loop.
+"""Jitted rollout for LLaVA: prefill (image + left-padded prompt) then KV-cache decode loops.
 
 `make_rollout(model, cfg)` returns one compiled function
     rollout(params, input_ids [B,T], attention_mask [B,T], pixel_values [N_img,3,H,W], key)
       -> Rollout(tokens [B,N], mask [B,N], logprobs [B,N], values [B,N])
 with N = cfg.max_new_tokens fixed. Rows stop at EOS (the EOS token is part of the response,
-mask 1; later slots hold `pad_token_id`, mask 0) and the loop exits as soon as every row has
-stopped. `logprobs` are log pi(token | prefix) in nats under logits / temperature, i.e. what
-a teacher-forced forward pass gives (see `response_logprobs`); `values` are the value head at
+mask 1; later slots hold `pad_token_id`, mask 0) and decoding ends as soon as every row has
+stopped. Decoding runs in loops of `cfg.decode_chunk` steps whose KV cache holds the slots
+written by the loop's end (grown between loops), so early steps do not attend over empty
+slots. `logprobs` are log pi(token | prefix) in nats under logits / temperature, i.e. what a
+teacher-forced forward pass gives (see `response_logprobs`); `values` are the value head at
 the position that predicts each token.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -34,6 +37,11 @@ class SamplingConfig:
     top_p: float = 1.0      # 1.0 = off
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # Decode in loops of this many steps over a cache that grows by as many slots between them:
+    # a step attends over every slot of its cache, so the early steps skip the ones not yet
+    # written. Each loop compiles on its own (ceil(max_new_tokens / decode_chunk) loop bodies).
+    # 0 = one loop over a cache of prompt + max_new_tokens slots.
+    decode_chunk: int = 128
 
 
 class Rollout(NamedTuple):
@@ -60,16 +68,30 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """Index [B] int32 of the first maximum of x [B, V], as `jnp.argmax` (NaN rows give V - 1).
+
+    Two plain reductions (max, then the smallest index holding it): XLA's CPU backend runs
+    `jnp.argmax`'s single (value, index) reduction unvectorised (over a 32k vocabulary at batch
+    32, 2.2 ms of a 21.7 ms decode step)."""
+    v = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(idx, v - 1).astype(jnp.int32)
+
+
 def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """(token [B] int32, log-prob [B] under logits / temperature) from logits [B, V]."""
     scaled = logits.astype(jnp.float32) / cfg.temperature
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
     if cfg.greedy:
-        token = jnp.argmax(logits, axis=-1)
+        token = first_argmax(logits)
     else:
-        token = jax.random.categorical(key, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
-    token = token.astype(jnp.int32)
-    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+        # Gumbel-max, as jax.random.categorical (same draws for a key), with the fast argmax
+        gumbel = jax.random.gumbel(key, scaled.shape, scaled.dtype)
+        token = first_argmax(filter_logits(scaled, cfg.top_k, cfg.top_p) + gumbel)
+    # log-softmax at the chosen token only: no [B, V] log-prob array is written per step
+    chosen = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+    return token, chosen - jax.nn.logsumexp(scaled, axis=-1)
 
 
 def validate_inputs(model: LlavaModel, input_ids, attention_mask, pixel_values, cfg: SamplingConfig) -> None:
@@ -89,23 +111,36 @@ def validate_inputs(model: LlavaModel, input_ids, attention_mask, pixel_values, 
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.decode_chunk < 0:
+        raise ValueError(f"decode_chunk must be >= 0 (0 = one decode loop), got {cfg.decode_chunk}")
 
 
 def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], params, input_ids, attention_mask,
              pixel_values, key, use_lora: bool = True) -> Rollout:
     b, t = input_ids.shape
     n = cfg.max_new_tokens
-    cache = init_cache(model.cfg.text, b, t + n, model.dtype)
-    if mesh is not None:
-        batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-        heads = "tensor" if "tensor" in mesh.shape and model.cfg.text.num_key_value_heads % mesh.shape["tensor"] == 0 else None
-        spec = NamedSharding(mesh, P(batch_axes, heads, None, None))
-        cache = {**cache, "k": tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache["k"]),
-                 "v": tuple(jax.lax.with_sharding_constraint(c, spec) for c in cache["v"])}
+    # Step i (1-based, i < n) writes slot t + i - 1 and attends over slots < t + i: the loop that
+    # ends at step `stop` needs a cache of t + stop slots.
+    chunk = cfg.decode_chunk if cfg.decode_chunk > 0 else n
+    stops = [*range(chunk, n, chunk), n]
+
+    def fit(cache, slots):
+        """The cache padded to `slots` slots (copied once per loop), constrained to the mesh."""
+        pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, slots - c.shape[2]), (0, 0)))  # noqa: E731
+        k, v = tuple(map(pad, cache["k"])), tuple(map(pad, cache["v"]))
+        if mesh is not None:
+            batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+            tensor = mesh.shape.get("tensor", 1)
+            heads = "tensor" if tensor > 1 and model.cfg.text.num_key_value_heads % tensor == 0 else None
+            spec = NamedSharding(mesh, P(batch_axes, heads, None, None))
+            k, v = (tuple(jax.lax.with_sharding_constraint(c, spec) for c in cs) for cs in (k, v))
+        return {**cache, "k": k, "v": v}
+
+    cache = fit(init_cache(model.cfg.text, b, t, model.dtype), t + stops[0])
     key_mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], axis=1)
     pos = default_position_ids(attention_mask)
-    out = model.apply({"params": params}, input_ids, pixel_values, attention_mask, pos, cache, key_mask,
-                      use_lora=use_lora, logits_from=t - 1, method=LlavaModel.forward)
+    out = model.apply({"params": params}, input_ids, pixel_values, attention_mask, pos, cache,
+                      key_mask[:, :t + stops[0]], use_lora=use_lora, logits_from=t - 1, method=LlavaModel.forward)
     next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)  # [B]
 
     key, sub = jax.random.split(key)
@@ -119,10 +154,7 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
         values=jnp.zeros((b, n), jnp.float32).at[:, 0].set(out["values"][:, -1]),
     )
 
-    def cond(s):
-        return (s["step"] < n) & ~jnp.all(s["done"])
-
-    def body(s):
+    def body(key_mask, s):
         o = model.apply({"params": params}, s["token"][:, None], None, jnp.ones((b, 1), jnp.int32),
                         s["pos"][:, None], s["cache"], key_mask, use_lora=use_lora, method=LlavaModel.forward)
         k, sub = jax.random.split(s["key"])
@@ -140,7 +172,12 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
             values=upd(s["values"], jnp.where(alive, o["values"][:, -1], 0.0)),
         )
 
-    s = jax.lax.while_loop(cond, body, init)
+    s = init
+    for j, stop in enumerate(stops):
+        if j > 0:
+            s = {**s, "cache": fit(s["cache"], t + stop)}
+        s = jax.lax.while_loop(lambda s, stop=stop: (s["step"] < stop) & ~jnp.all(s["done"]),
+                               functools.partial(body, key_mask[:, :t + stop]), s)
     return Rollout(s["tokens"], s["mask"], s["logprobs"], s["values"])
 
 

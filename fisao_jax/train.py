@@ -127,9 +127,11 @@ def build_setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Set
     span_table = build_span_table(task.tokenizer, vocab)
     r = config.rollout
     sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                              top_p=r.top_p, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id)
+                              top_p=r.top_p, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                              decode_chunk=r.decode_chunk)
     greedy = SamplingConfig(max_new_tokens=config.eval.max_new_tokens, greedy=True,
-                            eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id)
+                            eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                            decode_chunk=r.decode_chunk)
     settings = RewardSettings(kind=config.reward.kind, margin=config.reward.margin, kl_coef=config.reward.kl_coef,
                               gamma=config.ppo.gamma, lam=config.ppo.lam,
                               whiten_advantages=config.ppo.whiten_advantages, temperature=r.temperature)

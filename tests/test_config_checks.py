@@ -23,6 +23,7 @@ def test_base_config_is_valid_and_has_the_paper_values():
     ("ppo.lr", 0.0, "'ppo.lr' must be > 0"),
     ("ppo.ppo_epochs", 2.5, "'ppo.ppo_epochs' must be int"),
     ("rollout.top_p", 1.5, "'rollout.top_p' must be in"),
+    ("rollout.decode_chunk", -1, "'rollout.decode_chunk' must be >= 0"),
     ("reward.template", "a photo", "'reward.template' must contain"),
     ("train.batch_size", 6, "must be divisible by 'ppo.num_minibatches'"),
     ("model.lora_rank", 0, "'model.lora_rank' must be > 0"),

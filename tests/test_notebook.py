@@ -7,6 +7,7 @@ import pathlib
 import re
 import sys
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -269,7 +270,11 @@ def test_notebook_runs_end_to_end_in_tiny_mode(tmp_path, shared_data, monkeypatc
         correct = sum(_official_pope_parse(a) == labels[q] for q, a in answers[model].items())
         scores = json.loads((run / "pope_scores.json").read_text())[model]["random"]
         assert scores["accuracy"] == pytest.approx(correct / 4) and scores["num_questions"] == 4
-    assert answers["base"] != answers["fisao"]  # each model answered with its own weights
+    # each model answered with its own weights (the decoded answers of a random tiny model can
+    # coincide: different byte tokens all decode to U+FFFD)
+    assert ns["models"]["base"] is ns["setup"].params and ns["models"]["fisao"] is ns["trained"]
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), ns["setup"].params,
+                                                ns["trained"])))
 
     # export: transformers loads the folder; a merged kernel equals W + alpha/r * A @ B by hand
     torch = pytest.importorskip("torch")

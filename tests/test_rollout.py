@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fisao_jax import sharding
-from fisao_jax.rollout import SamplingConfig, make_rollout, response_logprobs
+from fisao_jax.rollout import SamplingConfig, first_argmax, make_rollout, response_logprobs, sample_token
 
 torch = pytest.importorskip("torch")
 import hf_tiny  # noqa: E402
@@ -29,10 +29,11 @@ def _batch(module, seed=0):
     return ids, mask, pixels
 
 
-def test_greedy_matches_transformers_generate(tiny):
+@pytest.mark.parametrize("chunk", [0, 5])  # one decode loop; loops of 5, 5 and 2 steps
+def test_greedy_matches_transformers_generate(tiny, chunk):
     hf_model, module, params = tiny
     n = 12
-    cfg = SamplingConfig(max_new_tokens=n, greedy=True, eos_token_id=2, pad_token_id=0)
+    cfg = SamplingConfig(max_new_tokens=n, greedy=True, eos_token_id=2, pad_token_id=0, decode_chunk=chunk)
     for seed in (0, 1):
         ids, mask, pixels = _batch(module, seed)
         out = make_rollout(module, cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
@@ -46,10 +47,11 @@ def test_greedy_matches_transformers_generate(tiny):
         assert len(set(map(tuple, ref))) == 3  # different prompts, different continuations
 
 
-def test_logprobs_equal_teacher_forced_pass(tiny):
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_logprobs_equal_teacher_forced_pass(tiny, chunk):
     _, module, params = tiny
     ids, mask, pixels = (jnp.asarray(x) for x in _batch(module))
-    cfg = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=20, eos_token_id=5)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=20, eos_token_id=5, decode_chunk=chunk)
     out = make_rollout(module, cfg)(params, ids, mask, pixels, jax.random.PRNGKey(1))
     tf = response_logprobs(module, params, ids, mask, pixels, out.tokens, out.mask, temperature=0.7)
     m = np.asarray(out.mask, bool)
@@ -64,7 +66,8 @@ def test_stops_at_eos_and_pads_after(tiny):
     probe = make_rollout(module, SamplingConfig(max_new_tokens=3, greedy=True))(params, ids, mask, pixels,
                                                                                   jax.random.PRNGKey(0))
     eos = int(probe.tokens[0, 1])
-    out = make_rollout(module, SamplingConfig(max_new_tokens=6, greedy=True, eos_token_id=eos, pad_token_id=0))(
+    out = make_rollout(module, SamplingConfig(max_new_tokens=6, greedy=True, eos_token_id=eos, pad_token_id=0,
+                                              decode_chunk=2))(
         params, ids, mask, pixels, jax.random.PRNGKey(0))
     toks, msk = np.asarray(out.tokens), np.asarray(out.mask)
     for row_t, row_m in zip(toks, msk):
@@ -84,6 +87,35 @@ def test_sampling_is_deterministic_for_a_key(tiny):
     c = roll(params, ids, mask, pixels, jax.random.PRNGKey(8))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_first_argmax_and_token_logprob_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [7, 300, 999]] = 50.0        # ties: the first index wins, as np.argmax
+    x[2, -1] = 60.0                   # maximum in the last slot
+    x[3] = -np.inf
+    x[3, 5] = 0.0                     # one finite logit among -inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+    cfg = SamplingConfig(greedy=True, temperature=0.7)
+    tok, logp = sample_token(jnp.asarray(x), jax.random.PRNGKey(0), cfg)
+    scaled = x.astype(np.float64) / 0.7
+    ref = scaled - scaled.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    rows = np.arange(len(x))
+    np.testing.assert_array_equal(np.asarray(tok), np.argmax(x, axis=-1))
+    np.testing.assert_allclose(np.asarray(logp), ref[rows, np.argmax(x, axis=-1)], atol=1e-5)
+
+
+def test_sampling_draws_what_jax_random_categorical_draws():
+    """The Gumbel-max sampler gives jax.random.categorical's tokens for a key."""
+    logits = jax.random.normal(jax.random.PRNGKey(3), (64, 50)) * 3
+    cfg = SamplingConfig(temperature=1.0)
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        tok, _ = sample_token(logits, key, cfg)
+        np.testing.assert_array_equal(np.asarray(tok), np.asarray(jax.random.categorical(key, logits, axis=-1)))
 
 
 def _peaked(params, factor=30.0):
@@ -149,12 +181,13 @@ def test_greedy_on_8_device_mesh_equals_single_device(tiny):
     _, module, params = tiny
     ids, mask, pixels = _batch(module)
     ids, mask, pixels = (np.concatenate([x, x[:1]]) for x in (ids, mask, pixels))  # batch 4
-    cfg = SamplingConfig(max_new_tokens=8, greedy=True)
+    cfg = SamplingConfig(max_new_tokens=8, greedy=True, decode_chunk=0)
     single = make_rollout(module, cfg)(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
                                        jax.random.PRNGKey(0))
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     p = sharding.shard_params(params, mesh)
     put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
+    cfg = dataclasses.replace(cfg, decode_chunk=3)  # and decoding in loops of 3, 3, 2 steps on the mesh
     out = make_rollout(module, cfg, mesh=mesh)(p, put(ids), put(mask), put(pixels), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(single.logprobs), atol=1e-5)
@@ -170,3 +203,6 @@ def test_bad_inputs_fail_before_compiling(tiny):
     with pytest.raises(ValueError, match="image tokens and image features do not match"):
         roll(params, ids, mask, pixels[:2], jax.random.PRNGKey(0))
     assert roll.jitted._cache_size() == 0
+    with pytest.raises(ValueError, match="decode_chunk must be >= 0"):
+        make_rollout(module, SamplingConfig(max_new_tokens=4, decode_chunk=-1))(params, ids, mask, pixels,
+                                                                                 jax.random.PRNGKey(0))
