@@ -107,22 +107,25 @@ def call_flops(size: str, batch: int, prompt: int, new: int) -> float:
     return float(batch * (vision + projector + prefill + steps))
 
 
-def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
+def profile_steps(module, params, j_args, new: int, repeats: int, decode_chunk: int) -> dict:
     """Fastest seconds for the prefill alone and for one decode step alone (each its own jitted
-    call), to split a rollout's time into prefill, per-step model cost and loop overhead."""
+    call, over the cache of the rollout's first decode loop: prompt + min(decode_chunk, new)
+    slots), to split a rollout's time into prefill, per-step model cost and loop overhead."""
     import jax
     import jax.numpy as jnp
 
     from fisao_jax.models.llama import init_cache
     from fisao_jax.models.llava import LlavaModel, default_position_ids
+    from fisao_jax.rollout import first_argmax
 
     ids, mask, pixels, _ = j_args
     b, t = ids.shape
-    key_mask = jnp.concatenate([mask, jnp.ones((b, new), jnp.int32)], axis=1)
+    slots = t + (min(decode_chunk, new) if decode_chunk else new)
+    key_mask = jnp.concatenate([mask, jnp.ones((b, slots - t), jnp.int32)], axis=1)
 
     @jax.jit
     def prefill(p, ids, mask, pixels):
-        cache = init_cache(module.cfg.text, b, t + new, module.dtype)
+        cache = init_cache(module.cfg.text, b, slots, module.dtype)
         return module.apply({"params": p}, ids, pixels, mask, default_position_ids(mask), cache, key_mask,
                             logits_from=t - 1, method=LlavaModel.forward)  # LM head at the last position, as the rollout
 
@@ -132,9 +135,9 @@ def profile_steps(module, params, j_args, new: int, repeats: int) -> dict:
     def step(p, tok, pos, cache):
         o = module.apply({"params": p}, tok[:, None], None, jnp.ones((b, 1), jnp.int32), pos[:, None], cache,
                          key_mask, method=LlavaModel.forward)
-        return jnp.argmax(o["logits"][:, -1], -1).astype(jnp.int32), o["cache"]
+        return first_argmax(o["logits"][:, -1]), o["cache"]
 
-    tok = jnp.argmax(out["logits"][:, -1], -1).astype(jnp.int32)
+    tok = first_argmax(out["logits"][:, -1])
     pos = jnp.sum(mask, -1).astype(jnp.int32)
     cache = out["cache"]
     step(params, tok, pos, cache)
@@ -212,7 +215,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
                 med[impl], best[impl], toks / med[impl], toks / best[impl],
                 med[impl] / med["ours"], best[impl] / best["ours"], gflop / best[impl], agree.get(impl, "-")])
         if profile:
-            p = profile_steps(module, params, j_args[:3] + (None,), new, repeats)
+            p = profile_steps(module, params, j_args[:3] + (None,), new, repeats, decode_chunk)
             loop = (best["ours"] - p["prefill"]) / (new - 1)
             prof_rows.append(label + [best["ours"] * 1e3, p["prefill"] * 1e3, p["step"] * 1e3, loop * 1e3,
                                       loop / p["step"]])
