@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fisao_jax import ppo
+from fisao_jax import atomic, ppo
 from fisao_jax import sharding as sharding_lib
 from fisao_jax.evaluate import chair_metrics, generate, mention_labels, mention_rewards
 from fisao_jax.params import merge_params
@@ -190,9 +190,7 @@ def cached_json(path: pathlib.Path, compute):
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    atomic.write_json(path, value, indent=1)
     return value
 
 

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
+    from fisao_jax import atomic
     from fisao_jax.world import build, configs
 
     base = configs.default_build_config() if args.preset == "default" else configs.test_build_config()
@@ -77,10 +78,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.json)
+        atomic.write_text(args.json, json.dumps(report, indent=2))
     return 0
 
 

@@ -9,29 +9,21 @@ red, the partners the caption hallucinates.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
-import tempfile
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fisao_jax import atomic
 from fisao_jax.data import synthetic
 
 
 def _save_png(image: Image.Image, path: pathlib.Path) -> None:
     """Temp file + rename, so a crash never leaves a half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def scene_sheet(cfg: synthetic.WorldConfig, n: int, seed: int, split: str, cols: int, zoom: int) -> Image.Image:

@@ -28,11 +28,11 @@ import dataclasses
 import gzip
 import json
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fisao_jax import atomic
 from fisao_jax.data import image as image_lib
 
 SKIP_REASONS = ("missing_image", "unreadable_image", "no_ground_truth")
@@ -338,7 +338,7 @@ def export_tfds_coco(out_root: str | os.PathLike, split: str = "val2014", tfds_s
             break
         file_name = _text(example["image/filename"])
         image_id = int(example["image/id"])
-        _write_atomic(os.path.join(image_dir, file_name), bytes(example["image"]))
+        atomic.write_bytes(os.path.join(image_dir, file_name), bytes(example["image"]))
         images.append({"id": image_id, "file_name": file_name})
         objects = example["objects"]
         for j, label in enumerate(np.asarray(objects["label"]).tolist()):
@@ -346,7 +346,7 @@ def export_tfds_coco(out_root: str | os.PathLike, split: str = "val2014", tfds_s
                                 "category_id": int(label)})
     categories = [{"id": k, "name": name.replace("_", " ")} for k, name in enumerate(label_names)]
     path = annotation_path(out_root, "instances", split)
-    _write_atomic(path, json.dumps({"images": images, "annotations": annotations, "categories": categories}).encode())
+    atomic.write_text(path, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
 
 
@@ -354,13 +354,3 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

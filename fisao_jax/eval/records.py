@@ -13,8 +13,9 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Any, Iterable, Sequence
+
+from fisao_jax import atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +150,4 @@ def report_problems(
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as JSON to `path` via a temporary file and a rename (never half-written)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_json(path, obj, indent=1)

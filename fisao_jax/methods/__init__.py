@@ -13,12 +13,13 @@ metrics.jsonl, checkpoints/, summary.json).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from fisao_jax import atomic
 
 METHODS = ("fisao", "csr", "vigor")
 
@@ -100,7 +101,7 @@ def start_run(config, workdir, method: str) -> MethodRun:
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     check_fresh_or_resumable(workdir, latest)
-    _atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     setup = build_setup(config, workdir)
     baseline = calibrate(setup, config, workdir)
     before = cached_json(workdir / "eval_before.json",
@@ -132,7 +133,7 @@ def finish_run(run: MethodRun, config, params, iterations: int, extra: Optional[
         **(extra or {}),
         "examples_before": run.before["examples"][:4], "examples_after": after["examples"][:4],
     }
-    _atomic_write(run.workdir / "summary.json", json.dumps(summary, indent=2))
+    atomic.write_json(run.workdir / "summary.json", summary, indent=2)
     print(f"\n{run.method.upper()} summary (seed={config.seed}, {iterations} iterations, "
           f"{summary['wall_time_s']:.0f} s)")
     print(f"{'metric':<22}{'before':>10}{'after':>10}")
@@ -194,7 +195,3 @@ def train_epochs(update: Callable, state, data: dict, chunk: int, epochs: int, r
     return state, {k: v / max(weight, 1e-12) for k, v in sums.items()}, skipped
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -39,7 +39,6 @@ Checkpoints after each iteration (the LoRA); a run resumes from the newest one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -47,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fisao_jax import atomic
 from fisao_jax.models.clip import CLIPModel, normalize
 from fisao_jax.models.llama import init_cache
 from fisao_jax.models.llava import LlavaModel, default_position_ids
@@ -527,8 +527,4 @@ def _pair_metrics(pairs: list[dict]) -> dict:
 def _write_pairs(path, pairs: list[dict]) -> None:
     keys = ("image_id", "chosen_text", "rejected_text", "chosen_score", "rejected_score", "chosen_clip",
             "rejected_clip", "num_finals")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for p in pairs:
-            f.write(json.dumps({k: p[k] for k in keys}) + "\n")
-    tmp.replace(path)
+    atomic.write_jsonl(path, ({k: p[k] for k in keys} for p in pairs))

@@ -26,7 +26,6 @@ vigor_samples.jsonl (selected and refined texts). Checkpoints after every epoch.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Optional, Sequence
@@ -34,6 +33,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fisao_jax import atomic
 
 THRESHOLDS = ("midpoint", "s_h", "s_c", "fixed")
 PENALTIES = ("count", "strength")
@@ -212,7 +213,7 @@ def train(config, workdir) -> dict:
         if not data:
             raise RuntimeError(f"ViGoR: no prompt kept a sentence after refinement (threshold {threshold:.3f}); "
                                f"see {run.workdir / 'vigor_samples.jsonl'} and lower 'vigor.threshold'")
-        _write_jsonl(run.workdir / "vigor_samples.jsonl", records)
+        atomic.write_jsonl(run.workdir / "vigor_samples.jsonl", records)
         _save_npz(data_path, data)
     optimizer = ppo.make_optimizer(s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm or None)
     pstate = ppo.init_ppo_state(setup.params, optimizer)
@@ -251,15 +252,6 @@ def _jsonable(x):
     return x if isinstance(x, (int, float, str)) else str(x)
 
 
-def _write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
-
-
 def _save_npz(path: pathlib.Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic.atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)

@@ -12,10 +12,11 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from fisao_jax import atomic
 
 _FLOAT_KEYS = ("s_c", "s_h", "s_min", "s_max", "low_pct", "high_pct")
 _INT_KEYS = ("num_correct", "num_hallucinated")
@@ -80,7 +81,7 @@ class BaselineScores:
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically (temp file in the same folder, then rename)."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(pathlib.Path(path), text.encode("utf-8"))
+        atomic.write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BaselineScores":
@@ -186,17 +187,6 @@ def _save_png(fig, path: pathlib.Path) -> None:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

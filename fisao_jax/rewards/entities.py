@@ -16,8 +16,9 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
+
+from fisao_jax import atomic
 
 FORMAT = "fisao_jax.entity_vocab"
 FORMAT_VERSION = 1
@@ -94,7 +95,7 @@ class EntityVocab:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON atomically (temp file + rename)."""
-        _atomic_write_text(pathlib.Path(path), self.to_json())
+        atomic.write_text(path, self.to_json())
 
 
 def normalise_surface_form(text: str) -> str:
@@ -460,14 +461,3 @@ def _read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fisao_jax import atomic
 from fisao_jax.models.clip import CLIPModel, normalize
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -102,11 +102,8 @@ def entity_text_table(module: CLIPModel, params: Any, tokenizer, surface_forms: 
     texts = [template.format(f) for f in surface_forms]
     table = text_embeddings(module, params, tokenizer, texts, batch_size, max_len, progress=progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, table)
-        os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            np.save(tmp, table)
     return jnp.asarray(table)
 
 
