@@ -73,7 +73,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
     Two plain reductions (max, then the smallest index holding it): XLA's CPU backend runs
     `jnp.argmax`'s single (value, index) reduction unvectorised (over a 32k vocabulary at batch
-    32, 2.2 ms of a 21.7 ms decode step)."""
+    32, 2.2 ms per decode step)."""
     v = x.shape[-1]
     top = jnp.max(x, axis=-1, keepdims=True)
     idx = jnp.min(jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
@@ -124,19 +124,21 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
     chunk = cfg.decode_chunk if cfg.decode_chunk > 0 else n
     stops = [*range(chunk, n, chunk), n]
 
-    def fit(cache, slots):
-        """The cache padded to `slots` slots (copied once per loop), constrained to the mesh."""
-        pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, slots - c.shape[2]), (0, 0)))  # noqa: E731
-        k, v = tuple(map(pad, cache["k"])), tuple(map(pad, cache["v"]))
-        if mesh is not None:
-            batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-            tensor = mesh.shape.get("tensor", 1)
-            heads = "tensor" if tensor > 1 and model.cfg.text.num_key_value_heads % tensor == 0 else None
-            spec = NamedSharding(mesh, P(batch_axes, heads, None, None))
-            k, v = (tuple(jax.lax.with_sharding_constraint(c, spec) for c in cs) for cs in (k, v))
-        return {**cache, "k": k, "v": v}
+    spec = None
+    if mesh is not None:
+        batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+        tensor = mesh.shape.get("tensor", 1)
+        heads = "tensor" if tensor > 1 and model.cfg.text.num_key_value_heads % tensor == 0 else None
+        spec = NamedSharding(mesh, P(batch_axes, heads, None, None))
 
-    cache = fit(init_cache(model.cfg.text, b, t, model.dtype), t + stops[0])
+    def grow(cache, slots):
+        """The cache padded to `slots` slots (a copy, once per loop), kept on the mesh's layout."""
+        def one(c):
+            c = jnp.pad(c, ((0, 0), (0, 0), (0, slots - c.shape[2]), (0, 0)))
+            return c if spec is None else jax.lax.with_sharding_constraint(c, spec)
+        return {**cache, "k": tuple(map(one, cache["k"])), "v": tuple(map(one, cache["v"]))}
+
+    cache = grow(init_cache(model.cfg.text, b, t + stops[0], model.dtype), t + stops[0])
     key_mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], axis=1)
     pos = default_position_ids(attention_mask)
     out = model.apply({"params": params}, input_ids, pixel_values, attention_mask, pos, cache,
@@ -175,7 +177,7 @@ def _rollout(model: LlavaModel, cfg: SamplingConfig, mesh: Optional[Mesh], param
     s = init
     for j, stop in enumerate(stops):
         if j > 0:
-            s = {**s, "cache": fit(s["cache"], t + stop)}
+            s = {**s, "cache": grow(s["cache"], t + stop)}
         s = jax.lax.while_loop(lambda s, stop=stop: (s["step"] < stop) & ~jnp.all(s["done"]),
                                functools.partial(body, key_mask[:, :t + stop]), s)
     return Rollout(s["tokens"], s["mask"], s["logprobs"], s["values"])

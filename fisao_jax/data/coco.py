@@ -352,5 +352,3 @@ def export_tfds_coco(out_root: str | os.PathLike, split: str = "val2014", tfds_s
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-

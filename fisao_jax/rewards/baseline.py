@@ -188,5 +188,3 @@ def _save_png(fig, path: pathlib.Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic.write_bytes(path, buffer.getvalue())
-
-

@@ -459,5 +459,3 @@ def _read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"category file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
