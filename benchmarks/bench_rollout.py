@@ -6,7 +6,8 @@ Each size builds a random transformers LLaVA, saves it with `save_pretrained`, l
 left padded (up to 8 pads), one image per row, `n_image_tokens + 32` tokens long. EOS is set to
 a token id that neither side produces, so both generate exactly `new` tokens per row; the run
 checks this and reports how many rows have token-identical outputs. tokens/s = batch * new /
-median wall time of a whole call (prefill included); compile time (lower + compile) is
+median wall time of a whole call (prefill included); compile time (lower + compile) and the
+compiled call's temporary memory (XLA's `memory_analysis`: KV cache, activations) are
 reported separately; warmup calls are not timed; implementations are timed round-robin and
 speedups are given on the median and on the fastest call (the steadier estimate on a machine
 shared with other work). GFLOP/s = the FLOPs a greedy call needs at least (`call_flops`) / its
@@ -212,6 +213,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
             rows.append(label + [
                 f"ours (jit, decode_chunk {decode_chunk})" if impl == "ours" else f"transformers {impl}",
                 compile_s if impl == "ours" else float("nan"),
+                compiled.memory_analysis().temp_size_in_bytes / 1e6 if impl == "ours" else float("nan"),
                 med[impl], best[impl], toks / med[impl], toks / best[impl],
                 med[impl] / med["ours"], best[impl] / best["ours"], gflop / best[impl], agree.get(impl, "-")])
         if profile:
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
     print(f"memory stream on these cores (jitted sum over 512 MB, fastest of 5): {common.stream_gbps():.1f} GB/s")
     print()
     print(common.markdown_table(
-        ["size", "params", "batch", "prompt", "new", "impl", "compile s", "median s", "min s",
+        ["size", "params", "batch", "prompt", "new", "impl", "compile s", "temp MB", "median s", "min s",
          "gen tokens/s (median)", "gen tokens/s (min)", "ours speedup (median)", "ours speedup (min)",
          "GFLOP/s (min)", "same tokens as ours"], rows))
     if prof_rows:
