@@ -2,7 +2,7 @@
 (eager and sdpa attention), float32, same weights and inputs, same process.
 
 Each case builds a random transformers LLaVA of the given size, saves it with `save_pretrained`,
-loads it with `fisao_jax.models.llava.from_hf` and with transformers, and times a full forward
+loads it with `fisao_jax.models.hf_io.from_hf` and with transformers, and times a full forward
 (vision tower + projector + decoder + LM head over every position) on a left-padded batch with
 one image per row. tokens/s = batch * seq / median wall time; compile time (ours: lower +
 compile) is reported separately and warmup calls are not timed; implementations are timed
@@ -33,12 +33,12 @@ def bench_size(size: str, batch: int, seqs: list[int], repeats: int, attns: list
     import jax.numpy as jnp
     import torch
 
-    from fisao_jax.models import llava as llava_lib
+    from fisao_jax.models import hf_io
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         n_params = common.save_random_llava(pathlib.Path(tmp), size)
-        module, params = llava_lib.from_hf(tmp)
+        module, params = hf_io.from_hf(tmp)
         hf = {a: common.load_hf(pathlib.Path(tmp), a) for a in attns}
     fwd = jax.jit(lambda p, ids, pix, mask, pos: module.apply({"params": p}, ids, pix, mask, pos))
     for seq in seqs:

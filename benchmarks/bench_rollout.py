@@ -2,7 +2,7 @@
 `generate(do_sample=False)`, greedy, float32, same weights and prompts, same process.
 
 Each size builds a random transformers LLaVA, saves it with `save_pretrained`, loads it with
-`fisao_jax.models.llava.from_hf` and with transformers (sdpa attention by default). Prompts are
+`fisao_jax.models.hf_io.from_hf` and with transformers (sdpa attention by default). Prompts are
 left padded (up to 8 pads), one image per row, `n_image_tokens + 32` tokens long. EOS is set to
 a token id that neither side produces, so both generate exactly `new` tokens per row; the run
 checks this and reports how many rows have token-identical outputs. tokens/s = batch * new /
@@ -40,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 import op_profile  # noqa: E402
 
+from fisao_jax.models import hf_io
 from fisao_jax.rollout import SamplingConfig  # noqa: E402
 
 # A decode step's operations, in the order the --ops table lists them: (category, test on the label).
@@ -116,7 +117,8 @@ def profile_steps(module, params, j_args, new: int, repeats: int, decode_chunk: 
     import jax.numpy as jnp
 
     from fisao_jax.models.llama import init_cache
-    from fisao_jax.models.llava import LlavaModel, default_position_ids
+    from fisao_jax.models.llava import LlavaModel
+    from fisao_jax.models.vlm import default_position_ids
     from fisao_jax.rollout import first_argmax
 
     ids, mask, pixels, _ = j_args
@@ -166,7 +168,6 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
     import jax.numpy as jnp
     import torch
 
-    from fisao_jax.models import llava as llava_lib
 
     s = common.SIZES[size]
     n_img = (s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2
@@ -174,7 +175,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
     rows, prof_rows, op_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         n_params = common.save_random_llava(pathlib.Path(tmp), size)
-        module, params = llava_lib.from_hf(tmp)
+        module, params = hf_io.from_hf(tmp)
         hf = {a: common.load_hf(pathlib.Path(tmp), a) for a in attns}
     for batch, new in itertools.product(batches, news):
         ids, mask, pixels, _ = common.llava_inputs(size, batch, prompt_len)

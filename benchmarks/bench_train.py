@@ -37,7 +37,7 @@ def random_world(config, root: pathlib.Path) -> dict:
     from fisao_jax.data import synthetic
     from fisao_jax.data.tokenizer import train_tokenizer
     from fisao_jax.models import configs as C
-    from fisao_jax.models.hf_io import build_module, dummy_inputs, save_params
+    from fisao_jax.models.hf_io import init_params, save_params
     from fisao_jax.world import configs as wc
     from fisao_jax.world.pretrain_clip import clip_model_config
     from fisao_jax.world.sft import llava_model_config
@@ -49,8 +49,7 @@ def random_world(config, root: pathlib.Path) -> dict:
     llava_cfg = llava_model_config(b.sft, clip_cfg, tok)
     out = {"tokenizer": str(root / "tokenizer")}
     for name, cfg in (("clip", clip_cfg), ("policy", llava_cfg)):
-        module = build_module(cfg)
-        params = module.init(jax.random.PRNGKey(0), *dummy_inputs(cfg))["params"]
+        params = init_params(cfg, jax.random.PRNGKey(0))
         folder = root / name
         folder.mkdir()
         save_params(folder / "params", params)

@@ -12,7 +12,7 @@ Setup (random weights everywhere; nothing is downloaded):
              drawn in [0.8 T, T], is reached; then EOS; right padded), many object mentions.
   CLIP       transformers `CLIPModel`, text tower of ViT-B/32 size (width 512, 12 layers,
              8 heads, MLP 2048, 77 positions, projection 512); vision tower small (width 256,
-             4 layers, 112 px / patch 14). Loaded into our Flax CLIP with `clip.from_hf`.
+             4 layers, 112 px / patch 14). Loaded into our Flax CLIP with `hf_io.from_hf`.
 
 Implementations:
   ours   `find_entity_spans` + `span_scores` against the precomputed entity text table, one
@@ -267,7 +267,7 @@ def measure_ppo_iteration(tokenizer, policy: str, clip_module, clip_params, text
     import torch
 
     from fisao_jax import ppo
-    from fisao_jax.models import llava as llava_lib
+    from fisao_jax.models import hf_io
     from fisao_jax.models.configs import LoRAConfig
     from fisao_jax.rollout import SamplingConfig, make_rollout
     from fisao_jax.scoring import RewardSettings, make_policy_fn, make_score_fn
@@ -283,7 +283,7 @@ def measure_ppo_iteration(tokenizer, policy: str, clip_module, clip_params, text
         n_params = sum(p.numel() for p in hf.parameters())
         hf.save_pretrained(tmp)
         del hf
-        module, params = llava_lib.from_hf(tmp, lora=LoRAConfig(rank=8, alpha=16.0), lora_key=jax.random.PRNGKey(0))
+        module, params = hf_io.from_hf(tmp, lora=LoRAConfig(rank=8, alpha=16.0), lora_key=jax.random.PRNGKey(0))
 
     batch = pixels.shape[0]
     n_img = (CLIP_VISION["image_size"] // CLIP_VISION["patch_size"]) ** 2
@@ -377,7 +377,6 @@ def main(argv=None) -> int:
     from transformers import CLIPModel as HFCLIPModel
 
     from fisao_jax.data.tokenizer import train_tokenizer
-    from fisao_jax.models import clip as clip_lib
     from fisao_jax.rewards import verifier
     from fisao_jax.rewards.entities import load_entity_vocab
     from fisao_jax.rewards.spans import build_span_table, find_entity_spans
@@ -401,7 +400,7 @@ def main(argv=None) -> int:
         if clip_eos != len(tok) - 1:
             raise RuntimeError(f"expected <pad> to be the last id ({len(tok) - 1}), got {clip_eos}")
         n_clip = save_random_clip(tmp / "clip", len(tok), clip_eos, args.seed)
-        clip_module, clip_params = clip_lib.from_hf(tmp / "clip")
+        clip_module, clip_params = hf_io.from_hf(tmp / "clip")
         hf = HFCLIPModel.from_pretrained(tmp / "clip", dtype=torch.float32).eval()
         ids, mask = make_responses(tok, vocab, b, t, args.seed + 2)
         pixels = np.random.RandomState(args.seed + 3).randn(

@@ -550,6 +550,6 @@ def _load_model(folder: pathlib.Path) -> tuple[C.LlavaConfig, dict]:
     meta_path = folder / hf_io.CONVERTED_CONFIG
     if meta_path.is_file():
         dtype = jnp.dtype(json.loads(meta_path.read_text()).get("dtype", "float32"))
-    module, params = hf_io.load_model(folder, expect="llava", dtype=dtype, param_dtype=dtype)
+    module, params = hf_io.from_hf(folder, expect="llava", dtype=dtype, param_dtype=dtype)
     return module.cfg, params
 

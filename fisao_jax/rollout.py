@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fisao_jax.models.llama import init_cache
-from fisao_jax.models.llava import LlavaModel, check_image_tokens, default_position_ids
+from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.vlm import check_image_tokens, default_position_ids
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fisao_jax.models import hf_io
 from fisao_jax import atomic, ppo
 from fisao_jax import sharding as sharding_lib
 from fisao_jax.evaluate import chair_metrics, generate, mention_labels, mention_rewards
@@ -104,18 +105,16 @@ class Setup:
 
 def build_setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
     """Task data, policy (LoRA + value head) and verifier on the mesh, jitted step functions."""
-    from fisao_jax.models import clip as clip_lib
-    from fisao_jax.models import llava as llava_lib
     from fisao_jax.models.configs import LoRAConfig
     from fisao_jax.tasks import build_task
 
     task = build_task(config, workdir)
     dtype = jnp.dtype(config.model.dtype)
     lora = LoRAConfig(rank=config.model.lora_rank, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout)
-    module, params = llava_lib.from_hf(task.policy_dir, dtype=dtype, lora=lora,
+    module, params = hf_io.from_hf(task.policy_dir, dtype=dtype, lora=lora,
                                        lora_key=jax.random.PRNGKey(config.seed + 1))
     module = module.clone(remat=config.model.remat)
-    clip_module, clip_params = clip_lib.from_hf(task.clip_dir, dtype=dtype)
+    clip_module, clip_params = hf_io.from_hf(task.clip_dir, dtype=dtype)
     mesh = sharding_lib.make_mesh(dict(config.mesh))
     params = sharding_lib.shard_params(params, mesh)
     clip_params = sharding_lib.shard_params(clip_params, mesh, sharding_lib.CLIP_RULES)

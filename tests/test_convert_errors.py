@@ -96,7 +96,7 @@ def test_missing_weights_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors file"):
         hf_io.convert(src, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        hf_io.load_model(tmp_path / "nowhere")
+        hf_io.from_hf(tmp_path / "nowhere")
 
 
 def test_cli_reports_error_and_exit_code(hf_llava, tmp_path):
@@ -112,10 +112,9 @@ def test_cli_reports_error_and_exit_code(hf_llava, tmp_path):
 
 def test_bfloat16_conversion_round_trips(hf_llava, tmp_path):
     import jax.numpy as jnp
-    from fisao_jax.models import llava
     assert convert_hf.main(["--src", str(hf_llava), "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
-    _, params = llava.from_hf(tmp_path / "bf16", dtype=jnp.bfloat16)
-    _, ref = llava.from_hf(hf_llava)
+    _, params = hf_io.from_hf(tmp_path / "bf16", dtype=jnp.bfloat16)
+    _, ref = hf_io.from_hf(hf_llava)
     k = params["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert k.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(k, np.float32),

@@ -14,7 +14,7 @@ import pytest
 from fisao_jax import ppo
 from fisao_jax.methods import dpo
 from fisao_jax.models import configs as C
-from fisao_jax.models.hf_io import dummy_inputs
+from fisao_jax.models.hf_io import init_params
 from fisao_jax.models.llava import LlavaModel
 from fisao_jax.params import merge_params
 
@@ -31,8 +31,7 @@ LR, BETA = 0.05, 0.2
 
 @jax.jit
 def _init(key):
-    ids, pixels = dummy_inputs(TINY)
-    params = MODEL.init(key, ids, pixels)["params"]
+    params = init_params(TINY, key)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])

@@ -13,9 +13,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import hf_tiny  # noqa: E402
+from fisao_jax.models import hf_io
 from fisao_jax import export  # noqa: E402
 from fisao_jax.models import configs as C  # noqa: E402
-from fisao_jax.models import llava as llava_lib  # noqa: E402
 from fisao_jax.models.safetensors_io import read_shapes  # noqa: E402
 from tools import convert_hf, export_hf  # noqa: E402
 
@@ -77,7 +77,7 @@ def _written_keys(folder):
 
 def test_exported_folder_gives_our_logits_in_transformers(tiny, tmp_path):
     root, base_model = tiny
-    module, params = llava_lib.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(1))
+    module, params = hf_io.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(1))
     params = _random_lora(params)
     summary = export.export_llava(params, module.cfg, tmp_path / "out", tokenizer_dir=root / "hf",
                                   dtype="float32", progress=False)
@@ -112,7 +112,7 @@ def test_config_without_head_dim_exports(tiny, tmp_path):
     import dataclasses
 
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(1))
+    module, params = hf_io.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(1))
     cfg = dataclasses.replace(module.cfg, text=dataclasses.replace(module.cfg.text, head_dim=None))
     export.export_llava(params, cfg, tmp_path / "out", dtype="float32", progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
@@ -124,7 +124,7 @@ def test_config_without_head_dim_exports(tiny, tmp_path):
 
 def test_cli_adapter_on_converted_folder_sharded_round_trip(tiny, tmp_path):
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(2))
+    module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(2))
     params = _random_lora(params, seed=3)
     export.save_adapter(params, LORA, tmp_path / "adapter", base=root / "converted")
     out = tmp_path / "hf_out"
@@ -147,14 +147,14 @@ def test_cli_adapter_on_converted_folder_sharded_round_trip(tiny, tmp_path):
 
 def test_adapter_save_load_round_trip_and_value_head(tiny, tmp_path):
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(4))
+    module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(4))
     params = _random_lora(params, seed=5)
     params["value_head"]["kernel"] = params["value_head"]["kernel"] + 0.5
     export.save_adapter(params, LORA, tmp_path / "a")
     adapter = export.load_adapter(tmp_path / "a" / export.ADAPTER_WEIGHTS)
     assert adapter.lora == LORA and adapter.base is None
     assert len(adapter.tensors) == 2 * 7 * 2 + 2
-    _, base = llava_lib.from_hf(root / "converted")
+    _, base = hf_io.from_hf(root / "converted")
     restored = export.apply_adapter(base, adapter)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_get(restored, path)))
@@ -171,7 +171,7 @@ def test_half_precision_export_equals_torch_cast_of_float32_export(tiny, tmp_pat
     from safetensors import safe_open
 
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(6))
+    module, params = hf_io.from_hf(root / "hf", lora=LORA, lora_key=jax.random.PRNGKey(6))
     params = _random_lora(params, seed=7)
     export.export_llava(params, module.cfg, tmp_path / "f32", dtype="float32", progress=False)
     export.export_llava(params, module.cfg, tmp_path / "half", dtype=dtype, progress=False)
@@ -190,7 +190,7 @@ def test_lora_merged_in_float32_before_the_cast(tiny, tmp_path):
     from safetensors import safe_open
 
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "hf", param_dtype=jnp.bfloat16, lora=LORA,
+    module, params = hf_io.from_hf(root / "hf", param_dtype=jnp.bfloat16, lora=LORA,
                                        lora_key=jax.random.PRNGKey(8))
     params = _random_lora(params, seed=9, scale=2e-3)
     export.export_llava(params, module.cfg, tmp_path / "out", dtype="float16", progress=False)
@@ -206,7 +206,7 @@ def test_lora_merged_in_float32_before_the_cast(tiny, tmp_path):
 
 def test_errors_name_the_fault_and_leave_nothing(tiny, tmp_path, capsys):
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "hf")
+    module, params = hf_io.from_hf(root / "hf")
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         export.export_llava(params, module.cfg, tmp_path / "exists", progress=False)
@@ -228,7 +228,7 @@ def test_errors_name_the_fault_and_leave_nothing(tiny, tmp_path, capsys):
 
 def test_adapter_errors(tiny, tmp_path, capsys):
     root, _ = tiny
-    module, params = llava_lib.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(10))
+    module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(10))
     export.save_adapter(params, LORA, tmp_path / "a")  # no base recorded
     assert export_hf.main(["--ckpt", str(tmp_path / "a"), "--dst", str(tmp_path / "o"), "--quiet"]) == 1
     assert "pass --base" in capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_adapter_errors(tiny, tmp_path, capsys):
     bad["language_model"]["layers_1"]["mlp"]["up_proj"]["lora_a"] = jnp.zeros((7, 4))
     del bad["language_model"]["layers_0"]["self_attn"]["k_proj"]["lora_b"]
     export.save_adapter(bad, LORA, tmp_path / "b")
-    _, base = llava_lib.from_hf(root / "converted")
+    _, base = hf_io.from_hf(root / "converted")
     with pytest.raises(export.ExportError) as err:
         export.apply_adapter(base, export.load_adapter(tmp_path / "b"))
     msg = str(err.value)

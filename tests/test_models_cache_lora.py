@@ -11,9 +11,10 @@ import pytest
 
 from fisao_jax import sharding
 from fisao_jax.models import configs as C
-from fisao_jax.models.hf_io import dummy_inputs
+from fisao_jax.models.hf_io import init_params
 from fisao_jax.models.llama import init_cache
-from fisao_jax.models.llava import LlavaModel, default_position_ids
+from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.vlm import default_position_ids
 from fisao_jax.models.lora import init_lora, merge_lora, strip_lora
 
 TINY = C.LlavaConfig(
@@ -25,9 +26,7 @@ TINY = C.LlavaConfig(
 
 
 def _params(cfg, seed=0):
-    model = LlavaModel(cfg)
-    ids, pixels = dummy_inputs(cfg)
-    params = model.init(jax.random.PRNGKey(seed), ids, pixels)["params"]
+    params = init_params(cfg, jax.random.PRNGKey(seed))
     # non-trivial value head and norms
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
 
@@ -50,12 +49,13 @@ def test_prefill_then_decode_equals_full_forward():
     model = LlavaModel(TINY)
     params = _params(TINY)
     ids, mask, pixels = _inputs(TINY)
-    full = model.apply({"params": params}, ids, pixels, mask, method=model.forward)
+    feats = model.apply({"params": params}, pixels, method=model.image_features)
+    full = model.apply({"params": params}, ids, feats, mask, method=model.forward)
     p = ids.shape[1] - 3  # prefill all but the last 3 tokens, then decode them one by one
     cache = init_cache(TINY.text, 2, ids.shape[1])
     key_mask = jnp.concatenate([mask[:, :p], jnp.ones((2, 3), jnp.int32)], axis=1)
     pos = default_position_ids(mask)
-    out = model.apply({"params": params}, ids[:, :p], pixels, mask[:, :p], pos[:, :p], cache, key_mask,
+    out = model.apply({"params": params}, ids[:, :p], feats, mask[:, :p], pos[:, :p], cache, key_mask,
                       method=model.forward)
     logits, values, cache = [out["logits"]], [out["values"]], out["cache"]
     for t in range(p, ids.shape[1]):

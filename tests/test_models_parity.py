@@ -7,8 +7,7 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 
 import hf_tiny  # noqa: E402
-from fisao_jax.models import clip as clip_lib  # noqa: E402
-from fisao_jax.models import llava as llava_lib  # noqa: E402
+from fisao_jax.models import hf_io
 from tools import convert_hf  # noqa: E402
 
 LLAVA_CASES = {
@@ -31,7 +30,7 @@ def llava_case(request, tmp_path_factory):
 
 def test_llava_logits_match_transformers(llava_case):
     case, model, root = llava_case
-    module, params = llava_lib.from_hf(root / "converted")
+    module, params = hf_io.from_hf(root / "converted")
     n_tok = module.cfg.num_image_tokens
     ids, mask, pixels, pos = hf_tiny.llava_inputs(n_tok, case["images"], case["pads"])
     with torch.no_grad():
@@ -47,8 +46,8 @@ def test_llava_logits_match_transformers(llava_case):
 
 def test_hf_folder_loads_directly_and_equals_converted(llava_case):
     _, _, root = llava_case
-    _, p_hf = llava_lib.from_hf(root / "hf")
-    _, p_conv = llava_lib.from_hf(root / "converted")
+    _, p_hf = hf_io.from_hf(root / "hf")
+    _, p_conv = hf_io.from_hf(root / "converted")
     import jax
     leaves = jax.tree_util.tree_leaves_with_path(p_hf)
     conv = dict(jax.tree_util.tree_leaves_with_path(p_conv))
@@ -61,7 +60,7 @@ def test_hf_folder_loads_directly_and_equals_converted(llava_case):
 def test_clip_embeddings_match_transformers(tmp_path, eos_token_id):
     model = hf_tiny.save_clip(tmp_path / "hf", eos_token_id=eos_token_id)
     assert convert_hf.main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "conv")]) == 0
-    module, params = clip_lib.from_hf(tmp_path / "conv")
+    module, params = hf_io.from_hf(tmp_path / "conv")
     rng = np.random.RandomState(1)
     pixels = rng.randn(3, 3, 28, 28).astype(np.float32)
     # right-padded texts with EOS (7) inside, id 2 legacy: pooled at the max id

@@ -7,19 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fisao_jax.models import hf_io
 from fisao_jax import sharding
 from fisao_jax.rollout import SamplingConfig, first_argmax, make_rollout, response_logprobs, sample_token
 
 torch = pytest.importorskip("torch")
 import hf_tiny  # noqa: E402
-from fisao_jax.models import llava as llava_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("rollout")
     hf_model = hf_tiny.save_llava(root, seed=3)
-    module, params = llava_lib.from_hf(root)
+    module, params = hf_io.from_hf(root)
     return hf_model, module, params
 
 

@@ -6,8 +6,8 @@ torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
 
+from fisao_jax.models import hf_io
 from fisao_jax.data.tokenizer import train_tokenizer  # noqa: E402
-from fisao_jax.models import clip as clip_lib  # noqa: E402
 from fisao_jax.rewards import verifier  # noqa: E402
 from fisao_jax.rewards.entities import vocab_from_names  # noqa: E402
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans  # noqa: E402
@@ -34,7 +34,7 @@ def world(request, tmp_path_factory):
     cfg._attn_implementation = "eager"
     hf = CLIPModel(cfg).eval()
     hf.save_pretrained(root / "clip")
-    module, params = clip_lib.from_hf(root / "clip")
+    module, params = hf_io.from_hf(root / "clip")
     tok.clip_eos = eos
     return tok, hf, module, params, root
 

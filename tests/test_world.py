@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from fisao_jax.models import hf_io
 from fisao_jax.data import synthetic
 from fisao_jax.data.image import preprocess_batch
 from fisao_jax.world import build as wb
@@ -166,7 +167,6 @@ def test_build_trains_every_stage_and_artifacts_load(built):
     import jax
     import transformers
 
-    from fisao_jax.models import clip, llava
     from fisao_jax.models.configs import LoRAConfig
 
     workdir, cfg, arts, _ = built
@@ -176,11 +176,11 @@ def test_build_trains_every_stage_and_artifacts_load(built):
     image_id = tok.convert_tokens_to_ids("<image>")
     assert image_id == len(tok) - 2 and tok.pad_token_id == len(tok) - 1
 
-    clip_module, clip_params = clip.from_hf(arts.clip_dir)
+    clip_module, clip_params = hf_io.from_hf(arts.clip_dir)
     assert clip_module.cfg.vision.image_size == 48 and clip_module.cfg.vision.patch_size == 16
     assert clip_module.cfg.text.vocab_size == len(tok) and clip_module.cfg.text.eos_token_id == 2
 
-    module, params = llava.from_hf(arts.llava_dir)
+    module, params = hf_io.from_hf(arts.llava_dir)
     assert module.cfg.image_token_id == image_id and module.cfg.num_image_tokens == 9
     assert module.cfg.text.vocab_size == len(tok)
     # the LLaVA's vision tower is the CLIP's, unchanged by SFT

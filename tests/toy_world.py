@@ -10,14 +10,12 @@ import jax
 from fisao_jax.data import synthetic
 from fisao_jax.data.tokenizer import train_tokenizer
 from fisao_jax.models import configs as C
-from fisao_jax.models.hf_io import build_module, dummy_inputs, save_params
+from fisao_jax.models.hf_io import init_params, save_params
 from fisao_jax.world.configs import default_build_config
 
 
 def _save(cfg, folder: pathlib.Path, seed: int) -> None:
-    module = build_module(cfg)
-    ids, pixels = dummy_inputs(cfg)
-    params = module.init(jax.random.PRNGKey(seed), ids, pixels)["params"]
+    params = init_params(cfg, jax.random.PRNGKey(seed))
     folder.mkdir(parents=True)
     save_params(folder / "params", params)
     kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"

@@ -49,7 +49,8 @@ import numpy as np
 from fisao_jax import atomic
 from fisao_jax.models.clip import CLIPModel, normalize
 from fisao_jax.models.llama import init_cache
-from fisao_jax.models.llava import LlavaModel, default_position_ids
+from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.vlm import default_position_ids
 from fisao_jax.rewards.verifier import encode_texts
 from fisao_jax.rollout import SamplingConfig, sample_token
 

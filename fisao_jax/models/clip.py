@@ -8,7 +8,7 @@ projector (a middle layer's patch features) and the verifier (pooled, projected 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -230,10 +230,3 @@ def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """L2-normalise the last axis (in float32)."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def from_hf(path, dtype: Any = jnp.float32, param_dtype: Union[Any, None] = None):
-    """(CLIPModel, params) from a Hugging Face CLIP folder or a folder written by tools/convert_hf.py."""
-    from fisao_jax.models import hf_io
-
-    return hf_io.load_model(path, expect="clip", dtype=dtype, param_dtype=param_dtype)

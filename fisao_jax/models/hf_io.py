@@ -1,8 +1,12 @@
-"""Hugging Face checkpoint <-> Flax parameter trees, and the converted-checkpoint format.
+"""Loading models: Hugging Face checkpoints <-> Flax parameter trees, and the converted format.
+
+    from fisao_jax.models.hf_io import from_hf
+    module, params = from_hf("hf/llava-1.5-7b")          # or a tools/convert_hf.py folder
 
 A converted folder holds `fisao_config.json` (our model config, tagged with the model kind)
 and `params/` (an orbax checkpoint). A Hugging Face folder holds `config.json` and
-safetensors. `load_model` reads either.
+safetensors. `from_hf` reads either and detects the architecture. The model files never
+import this module: loading depends on the models, not the other way round.
 
 Key layouts accepted for LLaVA: `language_model.model.*` / `model.language_model.*`,
 `language_model.lm_head.*` / `lm_head.*`, `vision_tower.*` / `vision_tower.vision_model.*` /
@@ -10,6 +14,7 @@ Key layouts accepted for LLaVA: `language_model.model.*` / `model.language_model
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,7 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import traverse_util
+
 from fisao_jax.models import configs as C
+from fisao_jax.models.clip import CLIPModel
+from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.lora import init_lora
 from fisao_jax.models.safetensors_io import iter_tensors
 
 CONVERTED_CONFIG = "fisao_config.json"
@@ -57,53 +67,44 @@ def model_kind(hf_config: dict, source: str = "config.json") -> str:
     raise ConversionError(f"{source}: unsupported model_type {mt!r} (expected 'llava' or 'clip')")
 
 
-def build_module(cfg: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+def build_module(cfg: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False):
     """The Flax module for a config."""
     if isinstance(cfg, C.LlavaConfig):
-        from fisao_jax.models.llava import LlavaModel
-        return LlavaModel(cfg, dtype=dtype, param_dtype=param_dtype)
+        return LlavaModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
     if isinstance(cfg, C.CLIPConfig):
-        from fisao_jax.models.clip import CLIPModel
         return CLIPModel(cfg, dtype=dtype, param_dtype=param_dtype)
     raise TypeError(f"no module for config type {type(cfg).__name__}")
 
 
-def dummy_inputs(cfg: Any) -> tuple:
-    """Smallest inputs that touch every parameter (for init / eval_shape)."""
+def _init_fn(module) -> Any:
+    """`init(key) -> variables` touching every parameter with the smallest inputs."""
+    cfg = module.cfg
     v = cfg.vision
     pixels = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)
     if isinstance(cfg, C.LlavaConfig):
         ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32).at[0, -1].set(0)
-        return ids, pixels
-    return jnp.zeros((1, 2), jnp.int32), pixels
+        return lambda key: module.init(key, ids, pixel_values=pixels, method=module.init_all)
+    return lambda key: module.init(key, jnp.zeros((1, 2), jnp.int32), pixels)
+
+
+def init_params(cfg: Any, key: jax.Array, param_dtype: Any = jnp.float32) -> Any:
+    """Freshly initialised parameters of the model of `cfg` (random weights, for tests and the
+    synthetic world)."""
+    return jax.jit(_init_fn(build_module(cfg, param_dtype=param_dtype)))(key)["params"]
 
 
 def abstract_params(cfg: Any, param_dtype: Any = jnp.float32) -> Any:
     """ShapeDtypeStruct tree of the model's parameters (no memory allocated)."""
-    module = build_module(cfg, param_dtype=param_dtype)
-    ids, pixels = dummy_inputs(cfg)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, pixels))
-    return shapes["params"]
+    return jax.eval_shape(_init_fn(build_module(cfg, param_dtype=param_dtype)), jax.random.PRNGKey(0))["params"]
 
 
-def _flatten(tree: Any, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+def flatten(tree: Any) -> dict:
+    """{path tuple: leaf} of a nested dict."""
+    return traverse_util.flatten_dict(tree)
 
 
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
+def unflatten(flat: dict) -> dict:
+    return traverse_util.unflatten_dict(flat)
 
 
 def hf_key(path: tuple, kind: str) -> tuple[str, str]:
@@ -143,7 +144,7 @@ def hf_to_params(folder: pathlib.Path, cfg: Any, param_dtype: Any = jnp.float32)
     Raises ConversionError listing every missing, unexpected or mis-shaped tensor."""
     kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
     base_cfg = cfg if kind == "clip" else _without_lora(cfg)
-    expected = _flatten(abstract_params(base_cfg, param_dtype))
+    expected = flatten(abstract_params(base_cfg, param_dtype))
     wanted = {}
     for path, sds in expected.items():
         if kind == "llava" and path[0] == "value_head":
@@ -185,12 +186,11 @@ def hf_to_params(folder: pathlib.Path, cfg: Any, param_dtype: Any = jnp.float32)
     if kind == "llava":
         for path, sds in expected.items():
             if path[0] == "value_head":
-                flat[path] = jnp.zeros(sds.shape, param_dtype)
-    return _unflatten(flat)
+                flat[path] = jnp.zeros(sds.shape, sds.dtype)
+    return unflatten(flat)
 
 
 def _without_lora(cfg: C.LlavaConfig) -> C.LlavaConfig:
-    import dataclasses
     return dataclasses.replace(cfg, lora=C.LoRAConfig())
 
 
@@ -265,9 +265,14 @@ def restore_params(path: pathlib.Path, abstract: Any) -> Any:
     return ckptr.restore(path, abstract)
 
 
-def load_model(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_dtype: Any = None,
-               lora: Optional[C.LoRAConfig] = None, lora_key: Optional[jax.Array] = None):
-    """(module, params) from a HF folder or a converted folder. See `llava.from_hf`."""
+def from_hf(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_dtype: Any = None,
+            lora: Optional[C.LoRAConfig] = None, lora_key: Optional[jax.Array] = None, remat: bool = False):
+    """(module, params) from a Hugging Face folder or a folder written by tools/convert_hf.py.
+
+    `expect` ('llava' | 'clip') makes any other architecture an error. `dtype` is the compute
+    dtype, `param_dtype` (default: `dtype`) the frozen weights'. `lora` (a `LoRAConfig`) adds
+    fresh float32 adapters (B = 0) initialised from `lora_key`; the value head starts at zero
+    (float32)."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -275,22 +280,18 @@ def load_model(path, expect: Optional[str] = None, dtype: Any = jnp.float32, par
     if (folder / CONVERTED_CONFIG).exists():
         meta = json.loads((folder / CONVERTED_CONFIG).read_text())
         kind, cfg = meta["kind"], C.from_dict(meta["config"])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(param_dtype)),
-                                abstract_params(cfg if kind == "clip" else _without_lora(cfg)))
+        if expect is not None and kind != expect:
+            raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
+        abstract = abstract_params(cfg if kind == "clip" else _without_lora(cfg), param_dtype)
         params = restore_params(folder / PARAMS_DIR, abstract)
     else:
         kind, cfg = read_hf_config(folder)
+        if expect is not None and kind != expect:
+            raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
         params = hf_to_params(folder, cfg, param_dtype)
-    if expect is not None and kind != expect:
-        raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
     if kind == "llava" and lora is not None and lora.rank > 0:
-        import dataclasses
-        from fisao_jax.models.lora import init_lora
-
         cfg = dataclasses.replace(cfg, lora=lora)
         # adapters are trained: keep them in float32 whatever the base weights' dtype
         params = init_lora(params, lora.rank, lora_key if lora_key is not None else jax.random.PRNGKey(0),
                            dtype=jnp.float32)
-    if kind == "llava":
-        params = dict(params, value_head=jax.tree.map(lambda x: x.astype(jnp.float32), params["value_head"]))
-    return build_module(cfg, dtype=dtype, param_dtype=param_dtype), params
+    return build_module(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat), params

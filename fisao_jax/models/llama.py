@@ -5,8 +5,8 @@ The KV cache is a pytree passed in and returned:
   {'k': tuple of L arrays [B, KVH, S, Dh], 'v': same, 'index': int32 []}
 Heads come before slots so that the attention contractions read the cache as it is: with
 [B, S, KVH, Dh], XLA transposes every layer's whole cache at every decode step.
-`index` is the next slot to write. A forward without a cache runs as a prefill into a fresh
-cache of length T, so training, prefill and decode share one code path.
+`index` is the next slot to write. A forward without a cache (training, scoring) attends over
+its own keys and values and builds no cache.
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, key_mask, cache_k, cache_v, index, use_lora, deterministic):
-        """x [B,T,D]; key_mask [B,S] bool over cache slots; cache_k/v [B,KVH,S,Dh]; index: first slot of x."""
+        """x [B,T,D]; key_mask [B,S] bool over cache slots; cache_k/v [B,KVH,S,Dh] or None (then S = T,
+        the keys are x's own); index: first slot of x."""
         c = self.cfg
         b, t, _ = x.shape
         h, kvh, dh = c.num_attention_heads, c.num_key_value_heads, c.dims_per_head
@@ -82,9 +83,12 @@ class LlamaAttention(nn.Module):
         v = proj("v_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        heads_first = lambda a: a.transpose(0, 2, 1, 3).astype(cache_k.dtype)  # noqa: E731
-        cache_k = jax.lax.dynamic_update_slice(cache_k, heads_first(k), (0, 0, index, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, heads_first(v), (0, 0, index, 0))
+        if cache_k is None:
+            cache_k, cache_v, index = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0
+        else:
+            heads_first = lambda a: a.transpose(0, 2, 1, 3).astype(cache_k.dtype)  # noqa: E731
+            cache_k = jax.lax.dynamic_update_slice(cache_k, heads_first(k), (0, 0, index, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, heads_first(v), (0, 0, index, 0))
         s = cache_k.shape[2]
 
         # Causal over absolute slots, restricted to valid (non-padding) keys.
@@ -158,15 +162,17 @@ class LlamaModel(nn.Module):
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, key_mask: jax.Array,
                  cache: Optional[KVCache] = None, use_lora: bool = True, deterministic: bool = True):
         """inputs_embeds [B,T,D], position_ids [B,T], key_mask [B,S] (valid cache slots, or [B,T]
-        without a cache). Returns (hidden [B,T,D] after the final norm, new cache)."""
-        b, t, _ = inputs_embeds.shape
-        if cache is None:
-            cache = init_cache(self.cfg, b, t, self.dtype)
+        without a cache). Returns (hidden [B,T,D] after the final norm, new cache or None)."""
+        t = inputs_embeds.shape[1]
         cos, sin = rope_cos_sin(position_ids, self.cfg.dims_per_head, self.cfg.rope_theta,
                                 self.cfg.rope_scaling_factor)
-        index = cache["index"]
         key_mask = key_mask.astype(bool)
         x = inputs_embeds.astype(self.dtype)
+        if cache is None:
+            for layer in self.layers:
+                x, _, _ = layer(x, cos, sin, key_mask, None, None, 0, use_lora, deterministic)
+            return self.norm(x), None
+        index = cache["index"]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             x, ck, cv = layer(x, cos, sin, key_mask, cache["k"][i], cache["v"][i], index, use_lora, deterministic)

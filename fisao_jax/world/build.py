@@ -93,14 +93,14 @@ class WorldArtifacts:
 
     def load_clip(self, dtype: Any = None):
         """(CLIPModel, params): the verifier."""
-        from fisao_jax.models import clip
-        return clip.from_hf(self.clip_dir) if dtype is None else clip.from_hf(self.clip_dir, dtype=dtype)
+        from fisao_jax.models import hf_io
+        return hf_io.from_hf(self.clip_dir) if dtype is None else hf_io.from_hf(self.clip_dir, dtype=dtype)
 
     def load_llava(self, lora=None, lora_key=None, dtype: Any = None):
         """(LlavaModel, params): the SFT policy; `lora` (a LoRAConfig) adds fresh adapters."""
-        from fisao_jax.models import llava
+        from fisao_jax.models import hf_io
         kw = {} if dtype is None else {"dtype": dtype}
-        return llava.from_hf(self.llava_dir, lora=lora, lora_key=lora_key, **kw)
+        return hf_io.from_hf(self.llava_dir, lora=lora, lora_key=lora_key, **kw)
 
     def encode_prompts(self, tokenizer, prompts: Sequence[str], llava_cfg) -> tuple[np.ndarray, np.ndarray]:
         """Instructions -> left-padded (input_ids, attention_mask) int32 [n, prompt_len], as in SFT."""
@@ -292,10 +292,10 @@ def build_world(workdir: str | os.PathLike, cfg: wc.WorldBuildConfig = wc.WorldB
         return {"metrics": metrics, "history": _summary(hist)}
 
     def fill_llava(tmp: pathlib.Path) -> dict:
-        from fisao_jax.models import clip as clip_lib
+        from fisao_jax.models import hf_io
         from fisao_jax.world import sft
         tok = tokenizer()
-        clip_module, clip_params = clip_lib.from_hf(dirs["clip"])
+        clip_module, clip_params = hf_io.from_hf(dirs["clip"])
         module, params, hist = sft.train_sft(cfg.sft, clip_module, clip_params, tok, train_data(), cfg.seed, progress)
         ev = _head(eval_data(), cfg.sft.eval_scenes)
         start = time.perf_counter()
@@ -341,7 +341,7 @@ def _summary(hist: dict) -> dict:
 
 
 def _save_model(folder: pathlib.Path, kind: str, model_cfg: Any, params: Any) -> None:
-    """The converted-folder format `models.hf_io.load_model` reads."""
+    """The converted-folder format `models.hf_io.from_hf` reads."""
     import jax
     from fisao_jax.models import configs as mc
     from fisao_jax.models import hf_io

@@ -155,8 +155,7 @@ def train_step(module: CLIPModel, s: ClipSettings, state: dict, batch: dict) -> 
 
 def init_params(module: CLIPModel, key: jax.Array) -> Any:
     """Fresh CLIP parameters (flax default init)."""
-    ids, pixels = hf_io.dummy_inputs(module.cfg)
-    return jax.jit(module.init)(key, ids, pixels)["params"]
+    return hf_io.init_params(module.cfg, key)
 
 
 def _text_keys(texts: Sequence[str]) -> np.ndarray:

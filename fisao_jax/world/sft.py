@@ -62,9 +62,7 @@ def llava_model_config(s: SftSettings, clip_cfg: CLIPConfig, tokenizer) -> Llava
 
 def init_llava_params(cfg: LlavaConfig, clip_params: Any, key: jax.Array) -> dict:
     """Fresh projector / LLaMA / value head, vision tower copied from `clip_params['vision_model']`."""
-    module = LlavaModel(cfg)
-    ids, pixels = hf_io.dummy_inputs(cfg)
-    params = dict(jax.jit(module.init)(key, ids, pixels)["params"])
+    params = dict(hf_io.init_params(cfg, key))
     vision = clip_params["vision_model"]
     want = jax.tree.map(lambda x: (x.shape, x.dtype), params["vision_tower"])
     got = jax.tree.map(lambda x: (x.shape, x.dtype), vision)
