@@ -376,6 +376,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     from transformers import CLIPModel as HFCLIPModel
 
+    from fisao_jax.models import hf_io
     from fisao_jax.data.tokenizer import train_tokenizer
     from fisao_jax.rewards import verifier
     from fisao_jax.rewards.entities import load_entity_vocab
