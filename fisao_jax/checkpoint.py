@@ -1,9 +1,11 @@
-"""Training checkpoints (orbax): trainable params, optimizer state, data position, RNG.
+"""Training checkpoints (orbax): a method's train state (`fisao_jax.train_state`) as it is.
 
-Layout: `<workdir>/checkpoints/<iteration>/`. Frozen weights are not saved: they come from
-the base checkpoint named in the config, so a checkpoint is LoRA + value head + optimizer.
-Restoring never falls back silently: an unreadable newest checkpoint is an error that says
-which folder and what to do.
+Layout: `<workdir>/checkpoints/<step>/`. Frozen weights are not saved: they come from the base
+checkpoint named in the config, so a checkpoint is LoRA + value head + optimizer + counters.
+A state is restored onto the layout of the state it replaces (each array's sharding), so a
+resumed run on a mesh finds every array where a fresh one would be. Restoring never falls
+back silently: an unreadable newest checkpoint is an error that says which folder and what
+to do.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        """Read checkpoint `step` into the structure of `abstract_state` (ShapeDtypeStructs or arrays)."""
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        """Read checkpoint `step` into the structure, dtypes and shardings of `abstract_state`
+        (arrays or ShapeDtypeStructs; a leaf without a sharding lands on the default device)."""
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                              abstract_state)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises many types for truncated / mismatched files

@@ -1,6 +1,8 @@
-"""Fields shared by every experiment config, with the paper's values (FiSAO, Table 7).
+"""Fields shared by every experiment config, with the papers' values: FiSAO (Table 7) for the
+run, CSR (Zhou et al. 2024) for `csr` / `dpo`, ViGoR (Yan et al. 2024) for `vigor` / `sft`.
 
-Experiment files in configs/ start from `base_config()` and override what differs.
+Experiment files in configs/ start from `base_config()` and override what differs; variants
+of one file are `get_config(arg)` branches (`--config=configs/tiny.py:margin5`).
 """
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = ""
+    c.method = "fisao"  # 'fisao' | 'csr' | 'vigor' (fisao_jax.methods.METHODS)
     c.task = "coco"  # 'synthetic' | 'coco'
 
     c.model = ml_collections.ConfigDict()
     c.model.policy = ""           # LLaVA folder: Hugging Face or tools/convert_hf.py output
-    c.model.clip = ""             # CLIP folder (the verifier; same vision tower as the policy)
+    c.model.verifier = ""         # CLIP folder (the verifier; same vision tower as the policy)
     c.model.tokenizer = ""        # default: the policy folder
-    c.model.clip_tokenizer = ""   # default: the CLIP folder
+    c.model.verifier_tokenizer = ""  # default: the verifier folder
     c.model.dtype = "bfloat16"
     c.model.lora_rank = 128       # paper: r 128, alpha 256, all linear layers of the LM
     c.model.lora_alpha = 256.0
-    c.model.lora_dropout = 0.0    # PPO compares the same function before/after an update
+    c.model.lora_dropout = 0.0    # must be 0 for FiSAO (PPO compares the same function before/after) an update
     c.model.remat = True          # recompute decoder layers in the PPO backward pass
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -42,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.baseline_path = ""   # '' = estimate on the calibration set (SPEC step 5)
     c.reward.baseline_low_pct = 1.0
     c.reward.baseline_high_pct = 99.0
+    # SPEC: the verifier is the policy's own vision encoder. At start-up the verifier's vision
+    # weights are compared with the policy's (largest |difference| / largest |weight| per
+    # tensor): above the tolerance is an error unless the verifier is declared separate.
+    c.reward.verifier_is_policy_encoder = True
+    c.reward.verifier_encoder_tolerance = 1e-2  # bf16 rounding of a weight stored in fp16 vs fp32
 
     c.calibration = ml_collections.ConfigDict()
     c.calibration.batch_size = 8
@@ -86,11 +94,49 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "val2014"
     c.data.gt_objects = ""        # optional precomputed {image_id: objects} (.json / .json.gz)
     c.data.chair_synonyms = ""    # '' = ../shared/data/chair/synonyms.txt or $FISAO_SHARED_DATA
+
+    # CSR (method 'csr'): sentence-level beam search with the calibrated reward, iterative DPO
+    c.csr = ml_collections.ConfigDict()
+    c.csr.iterations = 3             # paper: 3
+    c.csr.num_prompts = 0            # prompts per iteration (the same every iteration); 0 = all
+    c.csr.prompt_batch_size = 2      # prompts per beam search call (x 2 beam_keep x candidates rows)
+    c.csr.beam_keep = 2              # top-k and bottom-k beams kept after each sentence
+    c.csr.num_candidates = 5         # sampled sentences per beam and step
+    c.csr.max_sentence_tokens = 74
+    c.csr.max_sentences = 16
+    c.csr.temperature = 1.0
+    c.csr.clip_weight = 0.9          # paper: lambda 0.9
+    c.csr.lm_weight = 0.1            # paper: 1 - lambda
+    c.csr.response_score = "sum"     # 'sum' (the paper's R(y)) | 'mean' (the authors' released code)
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.lr = 1e-7
+    c.dpo.epochs = 1
+    c.dpo.batch_size = 8
+    c.dpo.num_minibatches = 1        # minibatches per compiled call
+    c.dpo.weight_decay = 0.0
+    c.dpo.max_grad_norm = 1.0
+
+    # ViGoR (method 'vigor', automatic variant): verifier-guided selection + refinement, then SFT
+    c.vigor = ml_collections.ConfigDict()
+    c.vigor.num_samples = 5          # paper: 5 samples per image
+    c.vigor.num_prompts = 0          # 0 = all training prompts
+    c.vigor.prompt_batch_size = 4    # prompts per rollout (x num_samples rows)
+    c.vigor.threshold = "midpoint"   # 'midpoint' ((s_c + s_h) / 2) | 's_h' | 's_c' | 'fixed'
+    c.vigor.threshold_value = 0.0    # used with threshold 'fixed' (100 * cos)
+    c.vigor.penalty = "count"        # 'count' of rejected nouns | 'strength' (summed threshold - s)
+    c.sft = ml_collections.ConfigDict()
+    c.sft.lr = 2e-4                  # LLaVA-1.5's LoRA rate (ViGoR's did not survive text extraction)
+    c.sft.epochs = 2                 # paper: 2
+    c.sft.batch_size = 32            # paper: 32
+    c.sft.num_minibatches = 1        # minibatches per compiled call
+    c.sft.weight_decay = 0.0
+    c.sft.max_grad_norm = 1.0
     return c
 
 
-def load_config_file(path) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file given by path (for configs that extend another one)."""
+def load_config_file(path, variant: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config()` (or `get_config(variant)`) of a config file given by path."""
     import importlib.util
     import pathlib
 
@@ -98,4 +144,4 @@ def load_config_file(path) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if variant is None else module.get_config(variant)

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from fisao_jax.methods import METHODS
+
 REQUIRED = {
     "seed": int,
+    "method": str,
     "task": str,
     "model.dtype": str, "model.lora_rank": int, "model.lora_alpha": (int, float), "model.lora_dropout": (int, float), "model.remat": bool,
     "rollout.max_new_tokens": int, "rollout.temperature": (int, float), "rollout.top_k": int,
     "rollout.top_p": (int, float), "rollout.decode_chunk": int,
     "reward.kind": str, "reward.margin": (int, float), "reward.kl_coef": (int, float), "reward.template": str,
     "reward.baseline_low_pct": (int, float), "reward.baseline_high_pct": (int, float),
+    "reward.verifier_is_policy_encoder": bool, "reward.verifier_encoder_tolerance": (int, float),
     "ppo.lr": (int, float), "ppo.ppo_epochs": int, "ppo.num_minibatches": int, "ppo.clip_eps": (int, float),
     "ppo.clip_eps_value": (int, float), "ppo.gamma": (int, float), "ppo.lam": (int, float),
     "train.batch_size": int, "train.num_iterations": int, "train.checkpoint_every": int,
@@ -19,6 +23,7 @@ REQUIRED = {
 }
 
 CHOICES = {
+    "method": tuple(METHODS),
     "task": ("synthetic", "coco"),
     "model.dtype": ("float32", "bfloat16"),
     "reward.kind": ("token", "sentence", "none"),
@@ -68,3 +73,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"'ppo.num_minibatches' ({config.ppo.num_minibatches})")
     if config.model.lora_rank == 0:
         raise ConfigError("config key 'model.lora_rank' must be > 0: FiSAO trains LoRA adapters only")
+
+
+def check_section(config, section: str, positive_ints: tuple = (), positive: tuple = (), non_negative: tuple = (),
+                  choices: dict | None = None) -> None:
+    """Raise ConfigError naming `section.key` when a key is missing, of the wrong type or out of range."""
+    if section not in config:
+        raise ConfigError(f"config section '{section}' is missing (method {config.get('method')!r} needs it)")
+    node = config[section]
+
+    def get(key):
+        if key not in node:
+            raise ConfigError(f"config key '{section}.{key}' is missing")
+        return node[key]
+
+    for key in positive_ints:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"config key '{section}.{key}' must be an int >= 1, got {v!r}")
+    for key in positive:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"config key '{section}.{key}' must be a number > 0, got {v!r}")
+    for key in non_negative:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"config key '{section}.{key}' must be a number >= 0, got {v!r}")
+    for key, allowed in (choices or {}).items():
+        if get(key) not in allowed:
+            raise ConfigError(f"config key '{section}.{key}' must be one of {tuple(allowed)}, got {get(key)!r}")

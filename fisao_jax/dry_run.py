@@ -12,11 +12,13 @@ import jax.numpy as jnp
 
 from fisao_jax import ppo
 from fisao_jax.models import configs as C
-from fisao_jax.models.hf_io import CONVERTED_CONFIG, abstract_params, read_hf_config
-from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.hf_io import CONVERTED_CONFIG, abstract_params, build_module, read_hf_config
 from fisao_jax.params import split_params
 from fisao_jax.rollout import SamplingConfig, make_rollout
 from fisao_jax.scoring import make_policy_fn
+from fisao_jax.sharding import partition_specs, rules_for
+from fisao_jax.train_state import TrainState
+from fisao_jax.update import make_optimizer
 
 
 def model_config(config) -> C.LlavaConfig:
@@ -49,11 +51,9 @@ def _bytes_per_device(tree, specs, mesh: dict[str, int]) -> int:
 
 def dry_run(config, num_devices: int | None = None) -> dict:
     """Trace everything at full size; returns and prints the shapes and the memory table."""
-    from fisao_jax.sharding import LLAVA_RULES, partition_specs
-
     cfg = model_config(config)
     dtype = jnp.dtype(config.model.dtype)
-    module = LlavaModel(cfg, dtype=dtype, param_dtype=dtype, remat=config.model.remat)
+    module = build_module(cfg, dtype=dtype, param_dtype=dtype, remat=config.model.remat)
     params = abstract_params(cfg, dtype)
     b, t, n = config.train.batch_size, config.data.max_prompt_len, config.rollout.max_new_tokens
     v = cfg.vision
@@ -62,22 +62,24 @@ def dry_run(config, num_devices: int | None = None) -> dict:
     pixels = sds((b, 3, v.image_size, v.image_size), jnp.float32)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     roll_fn = make_rollout(module, SamplingConfig(max_new_tokens=n, eos_token_id=cfg.text.eos_token_id))
-    roll = jax.eval_shape(roll_fn.jitted, params, ids, mask, pixels, key)
+    prompts = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    roll = jax.eval_shape(roll_fn.jitted, params, prompts, key)
 
     p = config.ppo
-    optimizer = ppo.make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
-    state = jax.eval_shape(lambda prm: ppo.init_ppo_state(prm, optimizer), params)
+    optimizer = make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
+    trainable_shapes, frozen_shapes = split_params(params)
+    state = jax.eval_shape(lambda tr: TrainState(tr, optimizer.init(tr), jnp.zeros((), jnp.int32)), trainable_shapes)
     update = ppo.make_ppo_update(make_policy_fn(module), optimizer, ppo_epochs=p.ppo_epochs,
                                  num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
                                  clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef)
     per_tok = sds((b, n), jnp.float32)
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "tokens": roll.tokens,
-             "mask": roll.mask, "old_logp": per_tok, "old_values": per_tok, "advantages": per_tok, "returns": per_tok}
-    new_state, metrics = jax.eval_shape(update, state, batch, key)
+    batch = {**prompts, "tokens": roll.tokens, "mask": roll.mask, "old_logp": per_tok, "old_values": per_tok,
+             "advantages": per_tok, "returns": per_tok}
+    new_state, metrics = jax.eval_shape(update, state, frozen_shapes, batch, key)
 
     devices = num_devices or jax.device_count()
     mesh = mesh_shape(config, devices)
-    specs = partition_specs(params, LLAVA_RULES)
+    specs = partition_specs(params, rules_for(cfg))
     trainable, frozen = split_params(params)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     weights = _bytes_per_device(params, specs, mesh)

@@ -1,8 +1,9 @@
 """Generate responses for an image set and measure them: CHAIR, and the verifier score and
 FiSAO reward of every object mention (the paper's Figures 1 and 4).
 
-Evaluation sets are lists of batches: {'input_ids', 'attention_mask', 'pixel_values',
-'image_ids' [B], 'gt_objects' (list of sets of CHAIR node words)}.
+Evaluation sets are lists of batches: {'input_ids', 'attention_mask', image inputs,
+'image_ids' [B], 'gt_objects' (list of sets of CHAIR node words)}; a batch may be padded with
+copies of its last row, whose results are dropped (only the first len(image_ids) rows count).
 """
 from __future__ import annotations
 
@@ -10,14 +11,12 @@ import dataclasses
 from typing import Any, Callable, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fisao_jax.eval import chair as chair_lib
-from fisao_jax.models.clip import CLIPModel
-from fisao_jax.rewards import verifier
 from fisao_jax.rewards.entities import EntityVocab
-from fisao_jax.rewards.spans import SpanTable, find_entity_spans
+from fisao_jax.rewards.reward import RewardParams, score_reward
+from fisao_jax.rewards.verifier import Verifier, VerifierState
 
 
 @dataclasses.dataclass
@@ -29,16 +28,13 @@ class Generations:
     gt_objects: list[set]
     mention_forms: list[list[str]]     # surface forms found by the span finder, per response
     mention_scores: list[list[float]]  # their verifier scores (100 * cos)
-    sentence_image_emb: Optional[np.ndarray] = None
 
 
-def generate(rollout_fn: Callable, params: Any, clip_model: CLIPModel, clip_params: Any, text_table: jax.Array,
-             span_table: SpanTable, vocab: EntityVocab, tokenizer, batches: Iterable[dict], key: jax.Array,
+def generate(rollout_fn: Callable, params: Any, verifier: Verifier, vstate: VerifierState, vocab: EntityVocab,
+             tokenizer, batches: Iterable[dict], key: jax.Array, put_batch: Callable[[dict], dict],
              progress: bool = False, desc: str = "generate") -> Generations:
-    """Run `rollout_fn` over `batches`, decode, find mentions and score them."""
-    spans_fn = jax.jit(lambda toks, mask, tab: find_entity_spans(toks, mask, tab))
-    img_fn = jax.jit(lambda p, pix: verifier.image_embeddings(clip_model, p, pix))
-    score_fn = jax.jit(verifier.span_scores)
+    """Run `rollout_fn(params, batch, key)` over `batches` (placed by `put_batch`), decode,
+    find mentions and score them."""
     out = Generations([], [], [], [], [])
     batches = list(batches)
     it = batches
@@ -46,11 +42,10 @@ def generate(rollout_fn: Callable, params: Any, clip_model: CLIPModel, clip_para
         from tqdm.auto import tqdm
         it = tqdm(batches, desc=desc, unit="batch", leave=False)
     for i, b in enumerate(it):
-        roll = rollout_fn(params, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                          jnp.asarray(b["pixel_values"]), jax.random.fold_in(key, i))
-        ent = spans_fn(roll.tokens, roll.mask, span_table)
-        scores = score_fn(img_fn(clip_params, jnp.asarray(b["pixel_values"])), text_table, ent)
-        toks, mask, ent, scores = (np.asarray(x) for x in (roll.tokens, roll.mask, ent, scores))
+        dev = put_batch(b)
+        roll = rollout_fn(params, dev, jax.random.fold_in(key, i))
+        found = verifier.verify_jit(vstate, roll.tokens, roll.mask, dev["pixel_values"])
+        toks, mask, ent, scores = (np.asarray(x) for x in (roll.tokens, roll.mask, found.entity_id, found.scores))
         n = len(b["image_ids"])
         for r in range(n):
             length = int(mask[r].sum())
@@ -90,10 +85,9 @@ def chair_metrics(gen: Generations, chair_vocab) -> dict:
     return {k: float(res[k]) for k in ("CHAIRs", "CHAIRi", "Recall", "Len")}
 
 
-def mention_rewards(gen: Generations, baseline, margin: float) -> np.ndarray:
-    """FiSAO reward of every mention under `baseline` (for the before/after figure)."""
-    from fisao_jax.rewards.reward import score_reward
+def mention_rewards(gen: Generations, rp: RewardParams) -> np.ndarray:
+    """FiSAO reward of every mention under the reward params (for the before/after figure)."""
     flat = np.asarray([s for ss in gen.mention_scores for s in ss], np.float32)
     if flat.size == 0:
         return flat
-    return np.asarray(score_reward(jnp.asarray(flat), margin=margin, **baseline.reward_kwargs()))
+    return np.asarray(score_reward(flat, rp))

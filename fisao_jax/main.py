@@ -1,20 +1,28 @@
 """Entry point: `python -m fisao_jax.main --config=configs/tiny.py --workdir=runs/tiny`.
 
 Flags:
-  --config      an ml_collections config file (default: configs/tiny.py, the CPU-sized
-                synthetic world); override fields with --config.ppo.lr=1e-5 etc. Its
+  --config      an ml_collections config file, optionally with a variant
+                (`configs/tiny.py:margin5`); override fields with --config.ppo.lr=1e-5 etc. Its
                 `method` field picks the trainer: 'fisao' (default), 'csr' or 'vigor'.
   --workdir     where everything of the run goes; a run resumes from its newest checkpoint.
   --dry_run     build the model abstractly (no weights), trace rollout and PPO update with
                 jax.eval_shape and print per-device memory for the configured mesh.
+  --verbosity   absl's flag: the console shows progress bars, results and warnings; pass
+                --verbosity=0 to see the libraries' INFO lines there too (they always go to
+                <workdir>/log.txt).
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from fisao_jax.config_checks import ConfigError, validate_config
+from fisao_jax.methods import method_module
+from fisao_jax.run.log import configure_logging
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
@@ -27,26 +35,23 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    from fisao_jax.config_checks import ConfigError, validate_config
-
+    workdir = _WORKDIR.value or config.get("workdir")
+    verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0
+    configure_logging(pathlib.Path(workdir) if workdir and not _DRY_RUN.value else None,
+                      logging.INFO if verbose else logging.WARNING)
     try:
         validate_config(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if _DRY_RUN.value:
-        from fisao_jax.dry_run import dry_run
+        method = method_module(config.method)
+        method.validate(config)
+        if _DRY_RUN.value:
+            from fisao_jax.dry_run import dry_run
 
-        dry_run(config)
-        return 0
-    workdir = _WORKDIR.value or config.get("workdir")
-    if not workdir:
-        print("error: pass --workdir (or set config.workdir)", file=sys.stderr)
-        return 2
-    from fisao_jax.methods import trainer_for
-
-    try:
-        trainer_for(config.get("method", "fisao"))(config, workdir)
+            dry_run(config)
+            return 0
+        if not workdir:
+            print("error: pass --workdir (or set config.workdir)", file=sys.stderr)
+            return 2
+        method.train(config, workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,15 +16,14 @@ diagnostics it no longer logs (`val/vpred`, `val/error`, `val/mean`, `val/var`,
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fisao_jax.params import merge_params, split_params
+from fisao_jax.update import make_minibatch_update
 
 PolicyFn = Callable[[Any, dict], dict]
 BATCH_KEYS = ("old_logp", "old_values", "advantages", "returns", "mask")
@@ -41,29 +40,6 @@ def _float(x: jax.Array) -> jax.Array:
 
 def _bool(mask: jax.Array) -> jax.Array:
     return jnp.asarray(mask) > 0
-
-
-def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log softmax(logits)[token]: logits [B, N, V], tokens [B, N] int -> [B, N] nats (float32).
-
-    Computed as `z[token] - logsumexp(z)` with `z = logits - max(logits)`: shifting first keeps
-    float32 exact for large logits, and XLA fuses it, so no log-softmax [B, N, V] is stored.
-    """
-    logits = _float(logits)
-    z = logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(z, axis=-1)
-
-
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits) in nats: logits [..., V] -> [...] (float32).
-
-    Stable for large logits and for -inf logits (masked vocabulary entries count as 0).
-    """
-    logp = jax.nn.log_softmax(_float(logits), axis=-1)
-    p = jnp.exp(logp)
-    # Select before multiplying so that neither value nor gradient sees 0 * -inf.
-    return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -206,19 +182,21 @@ def value_loss(vpred: jax.Array, old_values: jax.Array, returns: jax.Array, mask
 # ----------------------------------------------------------------------------- metrics
 
 
-def objective_metrics(logp: jax.Array, ref_logp: jax.Array, score_rewards: jax.Array,
-                      mask: jax.Array, kl_coef: float) -> dict:
+def objective_metrics(logp: jax.Array, kl_tokens: jax.Array, score_rewards: jax.Array,
+                      mask: jax.Array, kl_coef) -> dict:
     """Rollout-side metrics with TRL's definitions (per-response sums, averaged over B).
 
-    score_rewards [B, N]: the verifier's per-token rewards (without the KL penalty).
+    kl_tokens [B, N]: the per-token KL estimate the reward's penalty uses
+    (`fisao_jax.rewards.reward.kl_estimate`); score_rewards [B, N]: the verifier's per-token
+    rewards (without the KL penalty).
 
-    `objective/kl` = mean_b sum_t (logp - ref_logp); `objective/entropy` = mean_b sum_t -logp
+    `objective/kl` = mean_b sum_t kl_tokens; `objective/entropy` = mean_b sum_t -logp
     (TRL's sampled-entropy proxy); `objective/non_score_reward` = -kl_coef * kl;
     `objective/scores` = mean_b sum_t score_rewards; `objective/rlhf_reward` = scores +
     non_score_reward; `tokens/responses_len_mean` = mean number of real tokens.
     """
     m = _bool(mask)
-    kl = masked_sum(_float(logp) - _float(ref_logp), m, axis=1)
+    kl = masked_sum(kl_tokens, m, axis=1)
     scores = masked_sum(score_rewards, m, axis=1)
     non_score = -kl_coef * kl
     return {
@@ -234,47 +212,8 @@ def objective_metrics(logp: jax.Array, ref_logp: jax.Array, score_rewards: jax.A
 # ------------------------------------------------------------------------------ update
 
 
-class PPOState(NamedTuple):
-    """What the PPO update carries: trainable leaves, frozen leaves, optax state, step.
-
-    `step` counts applied updates (an update rejected by the non-finite guard does not count).
-    `opt_state` is built from `trainable` only.
-    """
-
-    trainable: Any
-    frozen: Any
-    opt_state: Any
-    step: jax.Array
-
-
-def init_ppo_state(params: Any, optimizer: optax.GradientTransformation) -> PPOState:
-    """Split `params` (see `fisao_jax.params`) and initialise the optimizer on the trainable part."""
-    trainable, frozen = split_params(params)
-    return PPOState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32))
-
-
-def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0,
-                   max_grad_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-    """AdamW preceded by global-norm gradient clipping (`max_grad_norm=None`: no clipping)."""
-    if not callable(learning_rate) and not float(learning_rate) > 0:
-        raise ValueError(f"make_optimizer: learning_rate must be > 0, got {learning_rate}")
-    if max_grad_norm is not None and not float(max_grad_norm) > 0:
-        raise ValueError(f"make_optimizer: max_grad_norm must be > 0 or None, got {max_grad_norm}")
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    if max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _check_batch(batch: dict, num_minibatches: int) -> int:
-    """Static shape checks (run once per trace); returns the batch size B."""
+def check_batch(batch: dict) -> int:
+    """Static shape checks of a PPO batch (run once per trace); returns the batch size B."""
     if not isinstance(batch, dict):
         raise ValueError(f"ppo update: batch must be a dict of arrays, got {type(batch).__name__}")
     missing = [k for k in BATCH_KEYS if k not in batch]
@@ -287,49 +226,22 @@ def _check_batch(batch: dict, num_minibatches: int) -> int:
         if jnp.shape(batch[k]) != mask_shape:
             raise ValueError(f"ppo update: batch['{k}'] has shape {jnp.shape(batch[k])}, "
                              f"expected {mask_shape} like batch['mask']")
-    size = mask_shape[0]
     for k, v in batch.items():
-        if not jnp.shape(v) or jnp.shape(v)[0] != size:
+        if not jnp.shape(v) or jnp.shape(v)[0] != mask_shape[0]:
             raise ValueError(f"ppo update: batch['{k}'] has shape {jnp.shape(v)}; every entry "
-                             f"needs the leading batch dim {size}")
-    if size % num_minibatches:
-        raise ValueError(f"ppo update: batch size {size} is not divisible by "
-                         f"num_minibatches={num_minibatches}")
-    return size
+                             f"needs the leading batch dim {mask_shape[0]}")
+    return mask_shape[0]
 
 
-def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation, *,
-                    ppo_epochs: int, num_minibatches: int, clip_eps: float = 0.2,
-                    clip_eps_value: float = 0.2, vf_coef: float = 0.1, ent_coef: float = 0.0,
-                    donate: bool = False) -> Callable[[PPOState, dict, jax.Array], tuple[PPOState, dict]]:
-    """Build `update(state, batch, key) -> (state, metrics)`: ppo_epochs x shuffled minibatches.
+def ppo_loss_fn(policy_fn: PolicyFn, *, clip_eps: float, clip_eps_value: float, vf_coef: float,
+                ent_coef: float = 0.0, use_value: bool = True):
+    """loss_fn(params, minibatch) -> (loss, TRL-named stats) of clipped PPO:
+    policy_loss + vf_coef * value_loss - ent_coef * mean entropy (no value loss when
+    `use_value` is False)."""
 
-    policy_fn(params, minibatch) -> {"logp": [b, N], "values": [b, N], "entropy": [b, N]}
-    (entropy optional when ent_coef == 0) evaluates the current policy on a minibatch (a dict
-    slice of `batch`, leading dim b = B / num_minibatches) with the full merged params.
-    batch: dict of arrays with leading dim B, holding whatever policy_fn needs plus
-    `old_logp`, `old_values`, `advantages` (already whitened), `returns` and `mask`, all [B, N].
-    key: a PRNG key; epoch e shuffles the batch with a permutation drawn from split(key)[e].
-
-    Loss per minibatch: policy_loss + vf_coef * value_loss - ent_coef * mean entropy.
-    The whole update (all epochs and minibatches) is one jitted function of static shapes.
-    Gradients reach `state.trainable` only; `state.frozen` is returned as the same object.
-
-    Non-finite guard: `metrics["finite"]` is False when any minibatch's loss or gradient, or
-    the updated params, hold a NaN/inf; the returned state is then the input state unchanged
-    (the caller counts skips). Other metrics are means over epochs x minibatches, named as in
-    TRL. `donate=True` donates the input trainable params and optimizer state buffers.
-    """
-    ppo_epochs, num_minibatches = int(ppo_epochs), int(num_minibatches)
-    if ppo_epochs < 1 or num_minibatches < 1:
-        raise ValueError(f"make_ppo_update: ppo_epochs ({ppo_epochs}) and num_minibatches "
-                         f"({num_minibatches}) must be >= 1")
-    if not callable(policy_fn):
-        raise ValueError(f"make_ppo_update: policy_fn must be callable, got {type(policy_fn).__name__}")
-
-    def loss_fn(trainable, frozen, mb):
-        out = policy_fn(merge_params(trainable, frozen), mb)
-        for k in ("logp", "values"):
+    def loss_fn(params, mb):
+        out = policy_fn(params, mb)
+        for k in ("logp",) + (("values",) if use_value else ()):
             if k not in out:
                 raise ValueError(f"ppo update: policy_fn output lacks '{k}'; has {sorted(out)}")
             if jnp.shape(out[k]) != jnp.shape(mb["mask"]):
@@ -337,23 +249,27 @@ def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation
                                  f"expected {jnp.shape(mb['mask'])}")
         mask = mb["mask"]
         pg, pg_stats = policy_loss(out["logp"], mb["old_logp"], mb["advantages"], mask, clip_eps)
-        vf, vf_stats = value_loss(out["values"], mb["old_values"], mb["returns"], mask, clip_eps_value)
-        loss = pg + vf_coef * vf
+        loss = pg
         stats = {
             "policy/approxkl_avg": pg_stats["approxkl"],
             "policy/clipfrac_avg": pg_stats["clipfrac"],
             "policy/policykl_avg": pg_stats["policykl"],
             "val/ratio": pg_stats["ratio"],
             "loss/policy_avg": pg,
-            "loss/value_avg": vf,
-            "val/clipfrac_avg": vf_stats["clipfrac"],
-            "val/vpred": vf_stats["vpred"],
-            "val/error": vf_stats["error"],
-            "val/mean": masked_mean(mb["old_values"], mask),
-            "val/var": masked_var(mb["old_values"], mask),
-            "ppo/returns/mean": masked_mean(mb["returns"], mask),
-            "ppo/returns/var": masked_var(mb["returns"], mask),
         }
+        if use_value:
+            vf, vf_stats = value_loss(out["values"], mb["old_values"], mb["returns"], mask, clip_eps_value)
+            loss = loss + vf_coef * vf
+            stats.update({
+                "loss/value_avg": vf,
+                "val/clipfrac_avg": vf_stats["clipfrac"],
+                "val/vpred": vf_stats["vpred"],
+                "val/error": vf_stats["error"],
+                "val/mean": masked_mean(mb["old_values"], mask),
+                "val/var": masked_var(mb["old_values"], mask),
+                "ppo/returns/mean": masked_mean(mb["returns"], mask),
+                "ppo/returns/var": masked_var(mb["returns"], mask),
+            })
         if "entropy" in out:
             entropy = masked_mean(out["entropy"], mask)
             loss = loss - ent_coef * entropy
@@ -363,45 +279,46 @@ def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation
         stats["loss/total_avg"] = loss
         return loss, jax.tree.map(lax.stop_gradient, stats)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
-    def _update(trainable, opt_state, step, frozen, batch, key):
-        size = _check_batch(batch, num_minibatches)
-        mb_size = size // num_minibatches
 
-        def minibatch_step(carry, idx):
-            trainable, opt_state, finite = carry
-            mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
-            (loss, stats), grads = grad_fn(trainable, frozen, mb)
-            updates, opt_state = optimizer.update(grads, opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
-            finite = finite & jnp.isfinite(loss) & _all_finite(grads)
-            stats["optim/grad_norm_avg"] = optax.global_norm(grads)
-            return (trainable, opt_state, finite), stats
+def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation, *,
+                    ppo_epochs: int, num_minibatches: int, clip_eps: float = 0.2,
+                    clip_eps_value: float = 0.2, vf_coef: float = 0.1, ent_coef: float = 0.0,
+                    batch_shards: int = 1, use_value: bool = True) -> Callable:
+    """Pure `update(state: TrainState, frozen, batch, key) -> (state, metrics)`: ppo_epochs x
+    shuffled minibatches, one optimizer step each (`fisao_jax.update.make_minibatch_update`;
+    jit it with the caller's shardings).
 
-        def epoch_step(carry, epoch_key):
-            perm = jax.random.permutation(epoch_key, size).reshape(num_minibatches, mb_size)
-            return lax.scan(minibatch_step, carry, perm)
+    policy_fn(params, minibatch) -> {"logp": [b, N], "values": [b, N], "entropy": [b, N]}
+    (entropy optional when ent_coef == 0; values unused when `use_value` is False) evaluates
+    the current policy on a minibatch with the full merged params. batch: dict of arrays with
+    leading dim B, holding what policy_fn needs plus `old_logp`, `old_values`, `advantages`
+    (already whitened), `returns` and `mask`, all [B, N]. key: epoch e shuffles the batch
+    (within each of the `batch_shards` blocks) with a permutation drawn from split(key)[e].
 
-        keys = jax.random.split(key, ppo_epochs)
-        (new_trainable, new_opt_state, finite), stats = lax.scan(
-            epoch_step, (trainable, opt_state, jnp.bool_(True)), keys)
-        finite = finite & _all_finite(new_trainable) & _all_finite(new_opt_state)
+    Metrics: means over epochs x minibatches named as in TRL, `optim/grad_norm*`,
+    `val/ratio_var`, `val/var_explained` and `finite` (False: the state is returned unchanged).
+    """
+    ppo_epochs, num_minibatches = int(ppo_epochs), int(num_minibatches)
+    if ppo_epochs < 1 or num_minibatches < 1:
+        raise ValueError(f"make_ppo_update: ppo_epochs ({ppo_epochs}) and num_minibatches "
+                         f"({num_minibatches}) must be >= 1")
+    if not callable(policy_fn):
+        raise ValueError(f"make_ppo_update: policy_fn must be callable, got {type(policy_fn).__name__}")
+    loss_fn = ppo_loss_fn(policy_fn, clip_eps=clip_eps, clip_eps_value=clip_eps_value, vf_coef=vf_coef,
+                          ent_coef=ent_coef, use_value=use_value)
+    core = make_minibatch_update(loss_fn, optimizer, num_minibatches=num_minibatches, epochs=ppo_epochs,
+                                 shuffle=True, batch_shards=batch_shards)
 
-        metrics = jax.tree.map(jnp.mean, stats)
-        ratios = stats["val/ratio"].reshape(-1)
+    def update(state, frozen, batch: dict, key: jax.Array):
+        check_batch(batch)
+        trainable, opt_state, step, metrics, stats = core(state.trainable, state.opt_state, state.step, frozen,
+                                                          batch, key)
+        ratios = stats["val/ratio"]
         metrics["val/ratio_var"] = jnp.var(ratios, ddof=1) if ratios.size > 1 else jnp.zeros_like(ratios[0])
-        metrics["val/var_explained"] = 1.0 - metrics["val/error"] / metrics["ppo/returns/var"]
-        metrics["finite"] = finite
-
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        return (keep(new_trainable, trainable), keep(new_opt_state, opt_state),
-                jnp.where(finite, step + 1, step), metrics)
-
-    def update(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
-        trainable, opt_state, step, metrics = _update(
-            state.trainable, state.opt_state, state.step, state.frozen, batch, key)
-        return PPOState(trainable, state.frozen, opt_state, step), metrics
+        if use_value:
+            metrics["val/var_explained"] = 1.0 - metrics["val/error"] / metrics["ppo/returns/var"]
+        return state.replace(trainable=trainable, opt_state=opt_state, step=step), metrics
 
     return update

@@ -1,8 +1,19 @@
-"""Scoring a rollout batch: reference log-probs, entity spans, verifier scores, rewards, GAE.
+"""Scoring a rollout batch: everything between the rollout and the PPO update, in one jit.
 
-`make_score_fn` returns one jitted function; everything between the rollout and the PPO
-update happens inside it (the sentence-level ablation alone needs a host step to decode
-responses, done by the caller and passed in as `sentence_scores`).
+    score(params, verifier_state, reward_params, batch, tokens, mask, sentence_scores) -> dict
+
+1. One teacher-forced pass of the policy (LoRA on) gives the log-probs and values PPO starts
+   from (`old_logp`, `old_values`): the same function the update evaluates, so the first
+   ratio is exactly 1 in any dtype (the rollout's KV-cache log-probs differ from it by bf16
+   rounding). One pass with LoRA off gives the reference log-probs. Both share one vision pass.
+2. The verifier finds the entity spans and scores them against the image.
+3. Rewards: the token-level reward (computed once: it is also the span statistics' reward),
+   the sentence-level or no task reward for the ablations, and the KL penalty from one KL
+   estimate that `objective/kl` reports too.
+4. GAE (or, for `advantage='group'`, group-relative advantages) and the rollout metrics.
+
+The sentence-level ablation alone needs a host step (decode responses, encode them with the
+verifier's text tower); its scores come in as `sentence_scores` [B].
 """
 from __future__ import annotations
 
@@ -12,68 +23,62 @@ from typing import Any, Optional
 import jax
 
 from fisao_jax import ppo
-from fisao_jax.models.clip import CLIPModel
-from fisao_jax.models.llava import LlavaModel
+from fisao_jax.models.vlm import VisionLanguageModel
+from fisao_jax.policy import image_features, response_logprobs
 from fisao_jax.rewards import reward as reward_lib
-from fisao_jax.rewards import verifier
-from fisao_jax.rewards.spans import SpanTable, find_entity_span_bounds
-from fisao_jax.rollout import Rollout, response_logprobs
+from fisao_jax.rewards.verifier import Verifier, VerifierState
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardSettings:
-    """Constants of SPEC step 6 and of GAE (every one a config field)."""
+class ScoreSettings:
+    """Static settings of the scoring step (every one a config field)."""
 
-    kind: str = "token"       # 'token' | 'sentence' | 'none'
-    margin: float = 10.0      # lambda, the reward margin
-    kl_coef: float = 0.05     # beta, per-token KL penalty
-    gamma: float = 1.0
-    lam: float = 0.95
+    kind: str = "token"       # reward.kind: 'token' | 'sentence' | 'none'
+    kl_coef: float = 0.05     # reward.kl_coef: beta of the per-token KL penalty
+    gamma: float = 1.0        # ppo.gamma
+    lam: float = 0.95         # ppo.lam
     whiten_advantages: bool = True
-    temperature: float = 1.0  # log-probs are taken under logits / temperature, as in the rollout
+    temperature: float = 1.0  # rollout.temperature: log-probs under logits / temperature
 
 
-def make_score_fn(model: LlavaModel, clip_model: CLIPModel, settings: RewardSettings, max_span_len: Optional[int] = None):
-    """jitted score(params, clip_params, text_table [E,D], span_table, baseline dict, batch, roll,
-    sentence_scores [B] or None) -> dict of [B,N] arrays and scalar metrics.
+def make_score_fn(model: VisionLanguageModel, verifier: Verifier, settings: ScoreSettings):
+    """The pure scoring function (see the module docstring); the caller jits it with its shardings.
 
-    baseline: {'s_c','s_h','s_min','s_max'} (floats or 0-d arrays; unused for kind 'none').
-    batch: {'input_ids' [B,T], 'attention_mask' [B,T], 'pixel_values' [B,3,H,W]}.
-    """
+    batch: {'input_ids', 'attention_mask' [B, T], image inputs}; tokens, mask [B, N]. Returns
+    [B, N] arrays 'old_logp', 'old_values', 'ref_logp', 'entity_ids', 'span_start',
+    'token_scores', 'rewards', 'task_rewards', 'advantages', 'returns', [B, Q, D] 'image_emb',
+    and scalar 'metrics'."""
 
-    def score(params, clip_params, text_table, span_table: SpanTable, baseline, batch, roll: Rollout,
-              sentence_scores=None):
-        ref = response_logprobs(model, params, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                roll.tokens, roll.mask, temperature=settings.temperature, use_lora=False)
-        spans = find_entity_span_bounds(roll.tokens, roll.mask, span_table, max_span_len=max_span_len)
-        img = verifier.image_embeddings(clip_model, clip_params, batch["pixel_values"])
-        token_scores = verifier.span_scores(img, text_table, spans.entity_id)
-        kw = {} if settings.kind == "none" else dict(baseline, margin=settings.margin)
-        rewards = reward_lib.total_rewards(
-            settings.kind, roll.logprobs, ref["logprobs"], roll.mask, settings.kl_coef,
-            token_scores=token_scores, entity_ids=spans.entity_id, sentence_scores=sentence_scores, **kw)
-        adv, returns = ppo.compute_advantages(rewards.total, roll.values, roll.mask, settings.gamma, settings.lam,
+    def score(params: Any, vstate: VerifierState, rp: reward_lib.RewardParams, batch: dict, tokens: jax.Array,
+              mask: jax.Array, sentence_scores: Optional[jax.Array] = None) -> dict:
+        feats = image_features(model, params, batch)
+        kw = dict(features=feats, temperature=settings.temperature)
+        pol = response_logprobs(model, params, batch, tokens, mask, use_lora=True, **kw)
+        ref = response_logprobs(model, params, batch, tokens, mask, use_lora=False, **kw)
+        found = verifier.verify(vstate, tokens, mask, batch["pixel_values"])
+        object_rewards = reward_lib.token_level_reward(found.scores, found.entity_id, rp)
+        task = reward_lib.task_rewards(settings.kind, mask, rp, object_rewards=object_rewards,
+                                       sentence_scores=sentence_scores)
+        rewards = reward_lib.total_rewards(task, pol["logprobs"], ref["logprobs"], mask, settings.kl_coef)
+        adv, returns = ppo.compute_advantages(rewards.total, pol["values"], mask, settings.gamma, settings.lam,
                                               whiten=settings.whiten_advantages)
-        metrics = ppo.objective_metrics(roll.logprobs, ref["logprobs"], rewards.task, roll.mask, settings.kl_coef)
-        if baseline:  # span statistics need the reward boundaries
-            object_reward = reward_lib.token_level_reward(token_scores, spans.entity_id, margin=settings.margin,
-                                                          **baseline)
-            metrics.update(reward_lib.span_statistics(token_scores, spans.entity_id, object_reward, **baseline))
-        return {"ref_logprobs": ref["logprobs"], "entity_ids": spans.entity_id, "span_start": spans.start,
-                "token_scores": token_scores, "rewards": rewards.total, "task_rewards": rewards.task,
-                "advantages": adv, "returns": returns, "image_emb": img, "metrics": metrics}
+        metrics = ppo.objective_metrics(pol["logprobs"], rewards.kl_tokens, rewards.task, mask, settings.kl_coef)
+        metrics.update(reward_lib.span_statistics(found.scores, found.entity_id, object_rewards, rp))
+        return {"old_logp": pol["logprobs"], "old_values": pol["values"], "ref_logp": ref["logprobs"],
+                "entity_ids": found.entity_id, "span_start": found.start, "token_scores": found.scores,
+                "rewards": rewards.total, "task_rewards": rewards.task, "advantages": adv, "returns": returns,
+                "image_emb": found.image_emb, "metrics": metrics}
 
-    return jax.jit(score)
+    return score
 
 
-def make_policy_fn(model: LlavaModel, temperature: float = 1.0):
-    """PPO's policy_fn(params, minibatch) -> {logp, values, entropy} [b, N] (teacher forced, LoRA on).
-
-    Dropout stays off: PPO's ratio must compare the same function before and after."""
+def make_policy_fn(model: VisionLanguageModel, temperature: float = 1.0, entropy: bool = True):
+    """PPO's policy_fn(params, minibatch) -> {logp, values, entropy} [b, N] (teacher forced,
+    LoRA on). Dropout stays off: PPO's ratio must compare the same function before and after."""
 
     def policy_fn(params: Any, mb: dict) -> dict:
-        out = response_logprobs(model, params, mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
-                                mb["tokens"], mb["mask"], temperature=temperature, use_lora=True)
-        return {"logp": out["logprobs"], "values": out["values"], "entropy": ppo.entropy_from_logits(out["logits"])}
+        out = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], temperature=temperature,
+                                use_lora=True, entropy=entropy)
+        return {"logp": out["logprobs"], "values": out["values"], **({"entropy": out["entropy"]} if entropy else {})}
 
     return policy_fn

@@ -1,10 +1,15 @@
-"""Device mesh from config and regex -> PartitionSpec rules for every parameter.
+"""Device mesh from config, regex -> PartitionSpec rules for every parameter, and the layout
+of batches, activations and the KV cache.
 
 Rules are ordered (first match wins) and matched against the parameter path joined by '/',
 e.g. 'language_model/layers_3/self_attn/q_proj/kernel'. A parameter no rule matches is an
 error that names it: silently replicating a 7B weight is how a run runs out of memory.
 
 Axes: 'data' (batch only), 'fsdp' (batch and parameter shards), 'tensor' (model parallel).
+Batches are sharded on their leading dim over ('data', 'fsdp'). Inside the models,
+activations name their logical axes (`nn.with_logical_constraint(x, ('batch', 'length',
+'embed'))`); `LOGICAL_RULES` maps those names to mesh axes while a `Layout` traces a jitted
+function, and outside one they are no-ops.
 """
 from __future__ import annotations
 
@@ -15,8 +20,24 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fisao_jax.models import configs as C
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+# Logical activation axes -> mesh axes (MaxText's convention): the batch over data and fsdp,
+# heads and the MLP's hidden units over tensor, everything else whole.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("cache_len", None),
+    ("head_dim", None),
+)
 
 # kernels are [in, out]; LoRA a [in, r], b [r, out]; conv kernels [kh, kw, in, out].
 LLAVA_RULES: tuple[tuple[str, P], ...] = (
@@ -58,6 +79,15 @@ CLIP_RULES: tuple[tuple[str, P], ...] = LLAVA_RULES + (
     (r"(visual|text)_projection/kernel$", P("fsdp", "tensor")),
     (r"^logit_scale$", P()),
 )
+
+
+def rules_for(model_cfg: Any) -> tuple[tuple[str, P], ...]:
+    """The partition rules of a model config (LLaVA, CLIP)."""
+    if isinstance(model_cfg, C.LlavaConfig):
+        return LLAVA_RULES
+    if isinstance(model_cfg, C.CLIPConfig):
+        return CLIP_RULES
+    raise TypeError(f"no partition rules for {type(model_cfg).__name__}")
 
 
 def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
@@ -142,10 +172,28 @@ def _restrict(spec: P, mesh: Mesh) -> P:
     return P(*(keep(a) for a in spec))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dim over the data-parallel axes, the rest replicated."""
+def batch_axes(mesh: Mesh) -> Optional[tuple[str, ...]]:
+    """The mesh's batch axes ('data', 'fsdp' where present) or None."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None), *([None] * (ndim - 1))))
+    return axes or None
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dim over the data-parallel axes, the rest replicated. Also a valid
+    prefix for a whole dict of batch arrays of any ranks (`jax.jit` in_shardings)."""
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces the batch dim is cut into."""
+    return int(np.prod([mesh.shape[a] for a in (batch_axes(mesh) or ())]))
+
+
+def kv_cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
+    """KV cache [B, KVH, S, Dh]: batch over the batch axes, heads over tensor when it divides them."""
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    return NamedSharding(mesh, P(batch_axes(mesh), heads, None, None))
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = LLAVA_RULES) -> Any:

@@ -1,8 +1,8 @@
 """Tasks: where prompts, images, ground truth, tokenizers and checkpoints come from.
 
 A task gives the trainer:
-  policy_dir, clip_dir            model folders (Hugging Face or converted)
-  tokenizer, clip_tokenizer       transformers tokenizers
+  policy_dir, verifier_dir        model folders (Hugging Face or converted)
+  tokenizer, verifier_tokenizer   transformers tokenizers
   entity_vocab, chair_vocab       verifier vocabulary; CHAIR vocabulary for labels / metrics
   eos_token_id, pad_token_id
   num_train_prompts
@@ -63,9 +63,10 @@ class CocoTask:
         from fisao_jax.rewards.entities import load_entity_vocab
 
         m, d = config.model, config.data
-        self.policy_dir, self.clip_dir = m.policy, m.clip
+        self.policy_dir, self.verifier_dir = m.policy, m.verifier
         self.tokenizer = _load_tokenizer(m.tokenizer or m.policy, "config key 'model.tokenizer' (policy tokenizer)")
-        self.clip_tokenizer = _load_tokenizer(m.clip_tokenizer or m.clip, "config key 'model.clip_tokenizer'")
+        self.verifier_tokenizer = _load_tokenizer(m.verifier_tokenizer or m.verifier,
+                                                  "config key 'model.verifier_tokenizer' (or 'model.verifier')")
         folder = pathlib.Path(m.policy)
         if (folder / CONVERTED_CONFIG).exists():
             import json
@@ -155,14 +156,14 @@ class SyntheticTask:
         build_cfg = world_configs.build_config_from_dict(config.world.to_dict())
         m = config.model
         if m.policy:  # models given explicitly (e.g. a world pretrained elsewhere)
-            self.policy_dir, self.clip_dir, tokenizer_dir = m.policy, m.clip, m.tokenizer or m.policy
+            self.policy_dir, self.verifier_dir, tokenizer_dir = m.policy, m.verifier, m.tokenizer or m.policy
         else:
             from fisao_jax.world import build as world_build
 
             art = world_build.build_world(world_cache_dir(config, workdir), build_cfg)
-            self.policy_dir, self.clip_dir, tokenizer_dir = str(art.llava_dir), str(art.clip_dir), str(art.tokenizer_dir)
+            self.policy_dir, self.verifier_dir, tokenizer_dir = str(art.llava_dir), str(art.clip_dir), str(art.tokenizer_dir)
         self.tokenizer = _load_tokenizer(tokenizer_dir, "world tokenizer")
-        self.clip_tokenizer = self.tokenizer
+        self.verifier_tokenizer = self.tokenizer
         llava_cfg = from_dict(json.loads((pathlib.Path(self.policy_dir) / "fisao_config.json").read_text())["config"])
         self.image_token_id, self.num_image_tokens = llava_cfg.image_token_id, llava_cfg.num_image_tokens
         self.eos_token_id = self.tokenizer.eos_token_id

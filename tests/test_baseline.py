@@ -22,7 +22,8 @@ def test_from_mentions_hand_computed():
     assert (b.num_correct, b.num_hallucinated) == (4, 2)
     other = BaselineScores.from_mentions(SCORES, [int(h) for h in HALLUCINATED], 50, 100)
     assert (other.s_min, other.s_max) == (pytest.approx(17.5), pytest.approx(40.0))
-    assert b.reward_kwargs() == {"s_c": b.s_c, "s_h": b.s_h, "s_min": b.s_min, "s_max": b.s_max}
+    rp = b.reward_params(10.0)
+    assert [float(x) for x in (rp.margin, rp.s_c, rp.s_h, rp.s_min, rp.s_max)] == pytest.approx([10.0, b.s_c, b.s_h, b.s_min, b.s_max])
 
 
 @pytest.mark.parametrize("scores, labels, kwargs, message", [

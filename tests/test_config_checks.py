@@ -7,7 +7,8 @@ import pytest
 
 from fisao_jax.config_base import base_config
 from fisao_jax.config_checks import ConfigError, validate_config
-from fisao_jax.train import NonFiniteGuard
+from fisao_jax.config_base import load_config_file
+from fisao_jax.run.log import NonFiniteGuard
 
 
 def test_base_config_is_valid_and_has_the_paper_values():
@@ -60,24 +61,37 @@ def test_guard_counts_and_stops_after_n_in_a_row():
     for finite in (True, False, False, True, False, False):
         g.record(finite, 0)
     assert (g.total, g.streak) == (4, 2)
-    with pytest.raises(FloatingPointError, match="3 non-finite PPO steps in a row"):
+    with pytest.raises(FloatingPointError, match="3 non-finite updates in a row"):
         g.record(False, 7)
 
 
-@pytest.mark.parametrize("name,key,value", [("tiny_sentence", "kind", "sentence"), ("tiny_kl_only", "kind", "none"),
-                                            ("tiny_margin5", "margin", 5.0), ("tiny_margin20", "margin", 20.0)])
-def test_ablation_configs_change_one_field_of_tiny(name, key, value):
-    import importlib.util
+@pytest.mark.parametrize("variant,key,value", [("sentence", "reward.kind", "sentence"), ("kl_only", "reward.kind", "none"),
+                                               ("margin5", "reward.margin", 5.0), ("margin20", "reward.margin", 20.0),
+                                               ("csr", "method", "csr"), ("vigor", "method", "vigor")])
+def test_variants_of_tiny_change_one_field(variant, key, value):
     import pathlib
-    root = pathlib.Path(__file__).parents[1] / "configs"
-
-    def load(n):
-        spec = importlib.util.spec_from_file_location(n, root / f"{n}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.get_config()
-    base, c = load("tiny"), load(name)
+    path = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
+    base, c = load_config_file(path), load_config_file(path, variant)
     validate_config(c)
-    assert c.reward[key] == value != base.reward[key]
-    c.reward[key] = base.reward[key]
-    assert c.to_dict() == base.to_dict()
+    get = lambda cfg: cfg[key.split(".")[0]][key.split(".")[1]] if "." in key else cfg[key]  # noqa: E731
+    assert get(c) == value != get(base)
+    flat = lambda d: {k: v for k, v in d.items()}  # noqa: E731
+    a, b = flat(c.to_dict()), flat(base.to_dict())
+    if "." in key:
+        a[key.split(".")[0]].pop(key.split(".")[1]), b[key.split(".")[0]].pop(key.split(".")[1])
+    else:
+        a.pop(key), b.pop(key)
+    assert a == b
+
+
+def test_unknown_variant_is_an_error():
+    import pathlib
+    with pytest.raises(ValueError, match="unknown variant 'margin7'"):
+        load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py", "margin7")
+
+
+def test_method_must_be_registered():
+    c = base_config()
+    c.method = "rlhf"
+    with pytest.raises(ConfigError, match="'method' must be one of \\('fisao', 'csr', 'vigor'\\)"):
+        validate_config(c)

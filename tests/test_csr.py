@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fisao_jax.methods import csr
-from fisao_jax.methods.csr import Candidate, Continuation
+from fisao_jax.methods import csr_search as csr
+from fisao_jax.methods.csr_search import Candidate, Continuation
 from fisao_jax.models.llava import LlavaModel
 from fisao_jax.rollout import SamplingConfig
 from test_dpo import TINY, tiny_llava

@@ -11,12 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from fisao_jax import ppo
 from fisao_jax.methods import dpo
 from fisao_jax.models import configs as C
 from fisao_jax.models.hf_io import init_params
 from fisao_jax.models.llava import LlavaModel
-from fisao_jax.params import merge_params
+from fisao_jax.params import merge_params, split_params
+from fisao_jax.train_state import TrainState
 
 TINY = C.LlavaConfig(
     vision=C.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -64,7 +64,16 @@ def tiny_pairs(num: int = 4, seed: int = 0) -> dict:
 
 _forward = jax.jit(lambda p, i, x, m: MODEL.apply({"params": p}, i, x, m))
 _pair_logprobs = jax.jit(lambda p, b: dpo.pair_logprobs(MODEL, p, b))
-_update = dpo.make_dpo_update(MODEL, optax.sgd(LR), beta=BETA, num_minibatches=2)
+_core = jax.jit(dpo.make_dpo_update(MODEL, optax.sgd(LR), beta=BETA, num_minibatches=2))
+
+
+def _update(state, frozen, batch):
+    return state.apply(_core, frozen, batch, None)
+
+
+def _state(params):
+    trainable, frozen = split_params(params)
+    return TrainState(trainable, optax.sgd(LR).init(trainable), jnp.zeros((), jnp.int32)), frozen
 
 
 def full_forward_logprobs(params, b: dict, name: str) -> np.ndarray:
@@ -153,13 +162,13 @@ def test_update_is_sgd_on_the_reference_gradient_minibatch_by_minibatch():
     b = {k: jnp.asarray(v) for k, v in tiny_pairs(seed=3).items()}
     ref_c, ref_r = np.array([-20.0, -15.0, -30.0, -8.0]), np.array([-18.0, -25.0, -10.0, -9.0])
     weight = np.array([1.0, 1.0, 0.0, 1.0])
-    state = ppo.init_ppo_state(params, optax.sgd(LR))
-    new, metrics = _update(state, _batch(b, ref_c, ref_r, weight))
+    state, frozen = _state(params)
+    new, metrics = _update(state, frozen, _batch(b, ref_c, ref_r, weight))
     assert bool(metrics["finite"]) and int(new.step) == 2
 
     trainable = state.trainable
     for half in (slice(0, 2), slice(2, 4)):  # minibatches in order, each one SGD step
-        g = _reference_grad(trainable, state.frozen, {k: v[half] for k, v in b.items()}, jnp.asarray(ref_c[half]),
+        g = _reference_grad(trainable, frozen, {k: v[half] for k, v in b.items()}, jnp.asarray(ref_c[half]),
                             jnp.asarray(ref_r[half]), jnp.asarray(weight[half]))
         trainable = jax.tree.map(lambda p, gr: p - LR * gr, trainable, g)
     for got, want in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(trainable)):
@@ -174,12 +183,12 @@ def test_update_gradient_matches_finite_differences_of_the_numpy_loss():
     b = tiny_pairs(seed=5)
     ref_c, ref_r = np.array([-20.0, -15.0, -12.0, -9.0]), np.array([-18.0, -17.0, -14.0, -9.0])
     weight = np.array([1.0, 1.0, 0.0, 0.0])  # second minibatch empty: the update is one SGD step on the first
-    state = ppo.init_ppo_state(params, optax.sgd(LR))
-    new, _ = _update(state, _batch(b, ref_c, ref_r, weight))
+    state, frozen = _state(params)
+    new, _ = _update(state, frozen, _batch(b, ref_c, ref_r, weight))
     grad = jax.tree.map(lambda a, c: (a - c) / LR, state.trainable, new.trainable)
 
     def numpy_loss(trainable):  # our sequence log-probs, the loss in NumPy
-        c, r = (np.asarray(x, np.float64)[:2] for x in _pair_logprobs(merge_params(trainable, state.frozen), b))
+        c, r = (np.asarray(x, np.float64)[:2] for x in _pair_logprobs(merge_params(trainable, frozen), b))
         return numpy_dpo(c, r, ref_c[:2], ref_r[:2], BETA, weight[:2])[0]
 
     keys = iter(jax.random.split(jax.random.PRNGKey(9), 1000))
@@ -195,10 +204,10 @@ def test_update_gradient_matches_finite_differences_of_the_numpy_loss():
 def test_padding_rows_and_non_finite_batches_change_nothing():
     _, params = tiny_llava(seed=6)
     b = tiny_pairs(seed=7)
-    state = ppo.init_ppo_state(params, optax.sgd(LR))
+    state, frozen = _state(params)
     for ref_c, weight, finite in (([-3.0, -4.0, -1.0, -2.0], [0.0] * 4, True),
                                   ([np.nan, -4.0, -1.0, -2.0], [1.0] * 4, False)):
-        new, metrics = _update(state, _batch(b, ref_c, [-5.0, -6.0, -1.0, -1.0], weight))
+        new, metrics = _update(state, frozen, _batch(b, ref_c, [-5.0, -6.0, -1.0, -1.0], weight))
         assert bool(metrics["finite"]) == finite and int(new.step) == 0
         for got, want in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

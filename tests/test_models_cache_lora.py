@@ -185,14 +185,16 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 def test_generated_image_token_is_embedded_as_text_in_both_paths():
     """A sampled image-token id gets no image features: rollout and teacher forcing agree."""
-    from fisao_jax.rollout import SamplingConfig, make_rollout, response_logprobs
+    from fisao_jax.policy import response_logprobs
+    from fisao_jax.rollout import SamplingConfig, make_rollout
 
     model, params = LlavaModel(TINY), _params(TINY)
     ids, mask, pixels = (jnp.concatenate([x] * 4) for x in _inputs(TINY))
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     cfg = SamplingConfig(max_new_tokens=24, temperature=20.0, eos_token_id=1)  # near-uniform sampling
-    out = make_rollout(model, cfg)(params, ids, mask, pixels, jax.random.PRNGKey(4))
+    out = make_rollout(model, cfg)(params, batch, jax.random.PRNGKey(4))
     generated = np.asarray(out.tokens)[np.asarray(out.mask, bool)]
     assert (generated == TINY.image_token_id).sum() >= 2, "this key samples the image token"
-    tf = response_logprobs(model, params, ids, mask, pixels, out.tokens, out.mask, temperature=20.0)
+    tf = response_logprobs(model, params, batch, out.tokens, out.mask, temperature=20.0)
     m = np.asarray(out.mask, bool)
     assert np.abs(np.asarray(out.logprobs) - np.asarray(tf["logprobs"]))[m].max() <= 1e-5

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from fisao_jax import ppo
-from fisao_jax.params import merge_params
+from fisao_jax.params import merge_params, split_params
+from fisao_jax.policy import entropy_from_logits, logprobs_from_logits
+from fisao_jax.train_state import TrainState
+from fisao_jax.update import make_optimizer
 
 VOCAB, HIDDEN, RANK = 8, 16, 4
 EOS, PROMPT, TARGET = 0, 1, 5
@@ -53,8 +56,8 @@ MODEL = BigramPolicy()
 
 def policy_fn(params, mb):
     logits, values = MODEL.apply({"params": params}, mb["prev_tokens"])
-    return {"logp": ppo.logprobs_from_logits(logits, mb["tokens"]), "values": values,
-            "entropy": ppo.entropy_from_logits(logits)}
+    return {"logp": logprobs_from_logits(logits, mb["tokens"]), "values": values,
+            "entropy": entropy_from_logits(logits)}
 
 
 def first_token_dists(params):
@@ -75,8 +78,8 @@ def exact_kl_all_contexts(params):
 
 def make_rollout(n_tokens: int, kl_coef: float, batch_size: int):
     @jax.jit
-    def rollout(state, key):
-        params = merge_params(state.trainable, state.frozen)
+    def rollout(state, frozen, key):
+        params = merge_params(state.trainable, frozen)
         prev, tokens = jnp.full((batch_size, 1), PROMPT), []
         for k in jax.random.split(key, n_tokens):
             logits, _ = MODEL.apply({"params": params}, prev)
@@ -89,14 +92,14 @@ def make_rollout(n_tokens: int, kl_coef: float, batch_size: int):
 
         logits, values = MODEL.apply({"params": params}, prev_tokens)
         ref_logits, _ = MODEL.apply({"params": params}, prev_tokens, use_lora=False)
-        logp = ppo.logprobs_from_logits(logits, tokens)
-        ref_logp = ppo.logprobs_from_logits(ref_logits, tokens)
+        logp = logprobs_from_logits(logits, tokens)
+        ref_logp = logprobs_from_logits(ref_logits, tokens)
         scores = (tokens == TARGET).astype(jnp.float32)
         rewards = jnp.where(mask, scores - kl_coef * (logp - ref_logp), 0.0)
         adv, returns = ppo.compute_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
         batch = {"prev_tokens": prev_tokens, "tokens": tokens, "mask": mask.astype(jnp.float32),
                  "old_logp": logp, "old_values": values, "advantages": adv, "returns": returns}
-        return batch, ppo.objective_metrics(logp, ref_logp, scores, mask, kl_coef)
+        return batch, ppo.objective_metrics(logp, logp - ref_logp, scores, mask, kl_coef)
 
     return rollout
 
@@ -104,21 +107,22 @@ def make_rollout(n_tokens: int, kl_coef: float, batch_size: int):
 def train(n_tokens: int, kl_coef: float, iterations: int, seed: int = 0, batch_size: int = 64,
           lr: float = 1e-2):
     """Run PPO; returns (initial params, final params, per-iteration metrics)."""
-    optimizer = ppo.make_optimizer(lr, max_grad_norm=1.0)
+    optimizer = make_optimizer(lr, max_grad_norm=1.0)
     params = MODEL.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
-    state = ppo.init_ppo_state(params, optimizer)
-    update = ppo.make_ppo_update(policy_fn, optimizer, ppo_epochs=4, num_minibatches=2)
+    trainable, frozen = split_params(params)
+    state = TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32))
+    update = jax.jit(ppo.make_ppo_update(policy_fn, optimizer, ppo_epochs=4, num_minibatches=2))
     rollout = make_rollout(n_tokens, kl_coef, batch_size)
     key = jax.random.PRNGKey(seed + 1)
     history = []
     for _ in range(iterations):
         key, k_roll, k_upd = jax.random.split(key, 3)
-        batch, objective = rollout(state, k_roll)
-        state, metrics = update(state, batch, k_upd)
+        batch, objective = rollout(state, frozen, k_roll)
+        state, metrics = update(state, frozen, batch, k_upd)
         assert bool(metrics["finite"])
         history.append({**{k: float(v) for k, v in objective.items()},
                         **{k: float(v) for k, v in metrics.items()}})
-    return params, merge_params(state.trainable, state.frozen), history
+    return params, merge_params(state.trainable, frozen), history
 
 
 def kl(p, q) -> float:

@@ -9,14 +9,13 @@ import pytest
 
 from fisao_jax.rewards import reward
 
-BASE = dict(s_c=25.0, s_h=20.0, s_min=15.0, s_max=35.0)
-MARGIN = 10.0
+RP = reward.RewardParams.create(margin=10.0, s_c=25.0, s_h=20.0, s_min=15.0, s_max=35.0)
 
 
 def test_token_reward_each_branch_and_clipping():
     scores = jnp.array([[30.0, 18.0, 22.0, 40.0, 10.0, 25.0, 20.0]])
     ids = jnp.zeros((1, 7), jnp.int32)
-    got = reward.token_level_reward(scores, ids, margin=MARGIN, **BASE)
+    got = reward.token_level_reward(scores, ids, RP)
     # 10*(30-15)/20; 10*(18-35)/20; between s_h and s_c; 40 -> 35: 10*20/20;
     # 10 -> 15: 10*(15-35)/20; s = s_c: 10*10/20; s = s_h: 10*(20-35)/20.
     np.testing.assert_allclose(got, [[7.5, -8.5, 0.0, 10.0, -10.0, 5.0, -7.5]], rtol=1e-6)
@@ -26,77 +25,87 @@ def test_token_reward_only_at_span_ends():
     # "teddy bear" = tokens 1..2 ends at 2 (score 30); "cat" ends at 4 (score 19).
     scores = jnp.array([[31.0, 33.0, 30.0, 28.0, 19.0, jnp.nan]])
     ids = jnp.array([[-1, -1, 7, -1, 3, -1]])
-    got = reward.token_level_reward(scores, ids, margin=MARGIN, **BASE)
+    got = reward.token_level_reward(scores, ids, RP)
     np.testing.assert_allclose(got, [[0.0, 0.0, 7.5, 0.0, -8.0, 0.0]], rtol=1e-6)
 
 
 def test_no_entity_in_response_gives_zero_task_reward():
     scores = jnp.full((2, 4), 30.0)
     ids = jnp.full((2, 4), -1)
-    assert not np.asarray(reward.token_level_reward(scores, ids, margin=MARGIN, **BASE)).any()
+    assert not np.asarray(reward.token_level_reward(scores, ids, RP)).any()
 
 
 def test_sentence_reward_at_last_response_token():
     mask = jnp.array([[1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
-    got = reward.sentence_level_reward(jnp.array([30.0, 18.0, 30.0]), mask, margin=MARGIN, **BASE)
+    got = reward.sentence_level_reward(jnp.array([30.0, 18.0, 30.0]), mask, RP)
     np.testing.assert_allclose(got, [[0, 0, 7.5, 0], [0, 0, 0, -8.5], [0, 0, 0, 0]], rtol=1e-6)
     np.testing.assert_array_equal(reward.last_token_index(mask), [2, 3, -1])
 
 
-def test_kl_penalty():
+def test_kl_estimators():
     logp = jnp.array([[-1.0, -2.0, -3.0]])
     ref = jnp.array([[-1.5, -1.0, -9.0]])
-    got = reward.kl_penalty(logp, ref, jnp.array([[1, 1, 0]]), beta=0.1)
-    np.testing.assert_allclose(got, [[-0.05, 0.1, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(reward.kl_estimate(logp, ref, "k1"), [[0.5, -1.0, 6.0]], rtol=1e-6)
+    d = np.array([0.5, -1.0, 6.0])
+    np.testing.assert_allclose(reward.kl_estimate(logp, ref, "k3"), [np.exp(-d) + d - 1], rtol=1e-6)
+    with pytest.raises(ValueError, match="KL estimator must be one of"):
+        reward.kl_estimate(logp, ref, "k2")
 
 
-def test_total_rewards_kinds():
-    logp = jnp.array([[-1.0, -2.0, -1.0, -1.0]])
-    ref = jnp.array([[-1.5, -1.0, -1.0, -1.0]])
+def test_total_rewards_penalise_the_response_tokens_only():
+    logp = jnp.array([[-1.0, -2.0, -3.0]])
+    ref = jnp.array([[-1.5, -1.0, -9.0]])
+    task = jnp.array([[1.0, 0.0, 0.0]])
+    got = reward.total_rewards(task, logp, ref, jnp.array([[1, 1, 0]]), beta=0.1)
+    np.testing.assert_allclose(got.kl, [[-0.05, 0.1, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(got.kl_tokens, [[0.5, -1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(got.total, [[0.95, 0.1, 0.0]], rtol=1e-6)
+
+
+def test_task_rewards_kinds():
     mask = jnp.array([[1, 1, 1, 0]])
-    kl = [-0.05, 0.1, 0.0, 0.0]
-    common = dict(logp=logp, ref_logp=ref, response_mask=mask, beta=0.1, margin=MARGIN, **BASE)
     # The span ending at position 3 is outside the response and gets nothing.
-    token = reward.total_rewards("token", token_scores=jnp.array([[30.0, 0, 18.0, 30.0]]),
-                                 entity_ids=jnp.array([[2, -1, 5, 1]]), **common)
-    np.testing.assert_allclose(token.task, [[7.5, 0, -8.5, 0]], rtol=1e-6)
-    np.testing.assert_allclose(token.kl, [kl], rtol=1e-6)
-    np.testing.assert_allclose(token.total, [[7.45, 0.1, -8.5, 0]], rtol=1e-6)
-    sentence = reward.total_rewards("sentence", sentence_scores=jnp.array([30.0]), **common)
-    np.testing.assert_allclose(sentence.total, [[-0.05, 0.1, 7.5, 0]], rtol=1e-6)
-    none = reward.total_rewards("none", logp, ref, mask, 0.1)
-    np.testing.assert_allclose(none.total, [kl], rtol=1e-6)
-    assert not np.asarray(none.task).any()
+    objects = reward.token_level_reward(jnp.array([[30.0, 0, 18.0, 30.0]]), jnp.array([[2, -1, 5, 1]]), RP)
+    token = reward.task_rewards("token", mask, RP, object_rewards=objects)
+    np.testing.assert_allclose(token, [[7.5, 0, -8.5, 0]], rtol=1e-6)
+    sentence = reward.task_rewards("sentence", mask, RP, sentence_scores=jnp.array([30.0]))
+    np.testing.assert_allclose(sentence, [[0, 0, 7.5, 0]], rtol=1e-6)
+    assert not np.asarray(reward.task_rewards("none", mask)).any()
 
 
-def test_total_rewards_bad_arguments():
+def test_task_rewards_bad_arguments():
     x = jnp.zeros((1, 2))
     with pytest.raises(ValueError, match="reward kind must be one of"):
-        reward.total_rewards("word", x, x, x, 0.1)
-    with pytest.raises(ValueError, match="needs s_c, s_h, s_min, s_max, margin"):
-        reward.total_rewards("token", x, x, x, 0.1, token_scores=x, entity_ids=x)
-    with pytest.raises(ValueError, match="needs token_scores and entity_ids"):
-        reward.total_rewards("token", x, x, x, 0.1, margin=MARGIN, **BASE)
+        reward.task_rewards("word", x, RP)
+    with pytest.raises(ValueError, match="needs object_rewards"):
+        reward.task_rewards("token", x, RP)
     with pytest.raises(ValueError, match="needs sentence_scores"):
-        reward.total_rewards("sentence", x, x, x, 0.1, margin=MARGIN, **BASE)
+        reward.task_rewards("sentence", x, RP)
 
 
-def test_constants_are_traced_not_baked_in():
-    f = jax.jit(reward.token_level_reward)
+def test_reward_params_are_traced_not_baked_in():
+    traces = []
+
+    def f(scores, ids, rp):
+        traces.append(1)
+        return reward.token_level_reward(scores, ids, rp)
+
+    f = jax.jit(f)
     ids = jnp.zeros((1, 1), jnp.int32)
-    a = f(jnp.array([[30.0]]), ids, 25.0, 20.0, 15.0, 35.0, 10.0)
-    b = f(jnp.array([[30.0]]), ids, 25.0, 20.0, 15.0, 35.0, 20.0)
+    a = f(jnp.array([[30.0]]), ids, RP)
+    b = f(jnp.array([[30.0]]), ids, RP.replace(margin=jnp.float32(20.0)))
     np.testing.assert_allclose([a[0, 0], b[0, 0]], [7.5, 15.0], rtol=1e-6)
+    assert len(traces) == 1, "a new margin must not recompile"
 
 
 def test_span_statistics():
     scores = jnp.array([[30.0, 18.0, 22.0, 40.0, 99.0]])
     ids = jnp.array([[0, 1, 2, 3, -1]])
-    rewards = reward.token_level_reward(scores, ids, margin=MARGIN, **BASE)
-    stats = reward.span_statistics(scores, ids, rewards, **BASE)
+    rewards = reward.token_level_reward(scores, ids, RP)
+    stats = reward.span_statistics(scores, ids, rewards, RP)
     want = {"spans/count": 4, "spans/frac_positive": 0.5, "spans/frac_negative": 0.25,
             "spans/frac_neutral": 0.25, "spans/mean_reward": (7.5 - 8.5 + 0 + 10) / 4,
             "spans/mean_score": (30 + 18 + 22 + 40) / 4}
     assert {k: pytest.approx(float(v)) for k, v in stats.items()} == want
-    empty = reward.span_statistics(scores, jnp.full((1, 5), -1), rewards, **BASE)
+    empty = reward.span_statistics(scores, jnp.full((1, 5), -1), rewards, RP)
     assert all(float(v) == 0.0 for v in empty.values())

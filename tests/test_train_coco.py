@@ -43,8 +43,8 @@ def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path, shared_data):
 
     c = base_config()
     c.task = "coco"
-    c.model.update(policy=paths["policy"], clip=paths["clip"], tokenizer=paths["tokenizer"],
-                   clip_tokenizer=paths["tokenizer"], dtype="float32",
+    c.model.update(policy=paths["policy"], verifier=paths["verifier"], tokenizer=paths["tokenizer"],
+                   verifier_tokenizer=paths["tokenizer"], dtype="float32",
                    lora_rank=4, lora_alpha=8.0)
     c.data.update(instruct_json=str(tmp_path / "instruct.json"), coco_root=str(coco), num_prompts=100,
                   max_prompt_len=224, calibration_images=4, chair_synonyms=str(shared_data / "chair" / "synonyms.txt"))
@@ -67,7 +67,7 @@ def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path, shared_data):
     assert [sorted(g) for g in ev[0]["gt_objects"]] == [["cake", "dog", "person"], ["cake", "dog"],
                                                         ["cake", "dog", "person"], ["cake", "dog"]]
 
-    from fisao_jax.train import train
+    from fisao_jax.methods.fisao import train
     summary = train(c, tmp_path / "run")
     assert summary["iterations"] == 1
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])

@@ -28,7 +28,7 @@ def world(tmp_path_factory):
 
 def _cmd(paths, baseline, workdir, iterations):
     return [sys.executable, "-m", "fisao_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.model.policy={paths['policy']}", f"--config.model.clip={paths['clip']}",
+            f"--config.model.policy={paths['policy']}", f"--config.model.verifier={paths['verifier']}",
             f"--config.model.tokenizer={paths['tokenizer']}", f"--config.reward.baseline_path={baseline}",
             "--config.synthetic.num_train_prompts=64", "--config.eval.num_images=8", "--config.eval.batch_size=8",
             "--config.eval.max_new_tokens=4", "--config.rollout.max_new_tokens=24", "--config.train.batch_size=16",

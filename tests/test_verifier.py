@@ -89,8 +89,10 @@ def test_sentence_scores_equal_transformers(world):
     tok, hf, module, params, _ = world
     pixels = np.random.RandomState(1).randn(2, 3, 28, 28).astype(np.float32)
     texts = ["a red kite and two cups on a table.", "the cat sat on the mat."]
-    img = verifier.image_embeddings(module, params, jnp.asarray(pixels))
-    ours = np.asarray(verifier.sentence_scores(module, params, tok, img, texts))
+    v = verifier.Verifier(module, tok, verifier.DEFAULT_TEMPLATE, eos_token_id=tok.eos_token_id)
+    state = verifier.VerifierState(params, jnp.zeros((1, module.cfg.projection_dim)), None)
+    img = v.image_embeddings(params, jnp.asarray(pixels))
+    ours = np.asarray(v.sentence_scores(state, img, texts))
     for b, text in enumerate(texts):
         ids = tok(text)["input_ids"] + [tok.clip_eos]
         with torch.no_grad():

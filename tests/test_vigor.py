@@ -10,11 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from fisao_jax import ppo
 from fisao_jax.data import synthetic
 from fisao_jax.methods import sft, vigor
-from fisao_jax.methods.csr import sentence_end_table
-from fisao_jax.params import merge_params
+from fisao_jax.methods.csr_search import sentence_end_table
+from fisao_jax.params import merge_params, split_params
+from fisao_jax.train_state import TrainState
 from fisao_jax.rewards.entities import vocab_from_names
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans
 from test_dpo import MODEL, tiny_llava, tiny_pairs
@@ -117,15 +117,16 @@ def test_sft_update_is_an_sgd_step_on_an_independent_gradient():
          "tokens": p["chosen_tokens"], "mask": p["chosen_mask"], "weight": np.array([1.0, 0.0, 1.0, 1.0], np.float32)}
     b = {k: jnp.asarray(v) for k, v in b.items()}
     lr = 0.1
-    state = ppo.init_ppo_state(params, optax.sgd(lr))
-    new, metrics = sft.make_sft_update(MODEL, optax.sgd(lr))(state, b)
+    trainable, frozen = split_params(params)
+    state = TrainState(trainable, optax.sgd(lr).init(trainable), jnp.zeros((), jnp.int32))
+    new, metrics = state.apply(jax.jit(sft.make_sft_update(MODEL, optax.sgd(lr))), frozen, b, None)
     assert bool(metrics["finite"]) and int(new.step) == 1
 
     def reference(trainable):
         t = b["input_ids"].shape[1]
         ids = jnp.concatenate([b["input_ids"], b["tokens"]], 1)
         mask = jnp.concatenate([b["attention_mask"], b["mask"]], 1)
-        logits = MODEL.apply({"params": merge_params(trainable, state.frozen)}, ids, b["pixel_values"], mask)
+        logits = MODEL.apply({"params": merge_params(trainable, frozen)}, ids, b["pixel_values"], mask)
         logp = jax.nn.log_softmax(logits[:, t - 1:-1], -1)
         nll = -jnp.take_along_axis(logp, b["tokens"][..., None], -1)[..., 0]
         m = b["mask"] * b["weight"][:, None]

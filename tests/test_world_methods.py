@@ -29,8 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REDUCED = {"synthetic.num_calibration": 128, "eval.num_images": 128}
 
 
-def _config(name: str, world_cache: str):
-    c = load_config_file(ROOT / "configs" / name)
+def _config(variant: str, world_cache: str):
+    c = load_config_file(ROOT / "configs" / "tiny.py", variant)
     c.world_cache = world_cache
     for dotted, value in REDUCED.items():
         section, key = dotted.split(".")
@@ -53,20 +53,22 @@ def world_cache(tmp_path_factory):
 def baseline(world_cache, tmp_path_factory):
     """Calibration of the SFT model, shared by the three runs (it does not depend on the method)."""
     workdir = tmp_path_factory.mktemp("calibration")
-    from fisao_jax import train as train_lib
+    from fisao_jax.run.frame import calibrate
+    from fisao_jax.run.setup import build_setup
 
-    config = _config("tiny.py", world_cache)
-    setup = train_lib.build_setup(config, workdir)
-    train_lib.calibrate(setup, config, workdir)
+    config = _config("", world_cache)
+    setup = build_setup(config, workdir)
+    calibrate(setup, config, workdir)
     return str(workdir / "baseline.json")
 
 
-def _run(name, world_cache, baseline, workdir, **overrides):
+def _run(variant, world_cache, baseline, workdir, **overrides):
     """`python -m fisao_jax.main` on one CPU device (the test process fakes 8, which would
     shard these small batches 8 ways on 2 cores); returns summary.json."""
     flags = {"world_cache": world_cache, "reward.baseline_path": baseline, **REDUCED,
              **{k.replace("__", "."): v for k, v in overrides.items()}}
-    cmd = [sys.executable, "-m", "fisao_jax.main", f"--config=configs/{name}", f"--workdir={workdir}"]
+    config = "configs/tiny.py" + (f":{variant}" if variant else "")
+    cmd = [sys.executable, "-m", "fisao_jax.main", f"--config={config}", f"--workdir={workdir}"]
     cmd += [f"--config.{k}={v}" for k, v in flags.items()]
     env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -80,7 +82,7 @@ def _assert_lowered(before, after, at_most):
 
 
 def test_reduced_fisao_run_lowers_chair_i(world_cache, baseline, tmp_path):
-    s = _run("tiny.py", world_cache, baseline, tmp_path, train__num_iterations=FISAO_ITERATIONS)
+    s = _run("", world_cache, baseline, tmp_path, train__num_iterations=FISAO_ITERATIONS)
     _assert_lowered(s["before"], s["after"], 0.8)
     assert s["after"]["mean_mention_reward"] > s["before"]["mean_mention_reward"]  # paper Fig. 4: rewards shift up
     assert (tmp_path / "reward_shift.png").stat().st_size > 0
@@ -89,7 +91,7 @@ def test_reduced_fisao_run_lowers_chair_i(world_cache, baseline, tmp_path):
 def test_reduced_csr_run_lowers_chair_i(world_cache, baseline, tmp_path):
     # The mean sentence score (the authors' released code): with the paper's sum CSR's answers
     # grow to the token budget on this world and CHAIR_i varies more by seed (benchmarks/RESULTS.md).
-    s = _run("csr_tiny.py", world_cache, baseline, tmp_path, csr__iterations=CSR_ITERATIONS,
+    s = _run("csr", world_cache, baseline, tmp_path, csr__iterations=CSR_ITERATIONS,
              csr__num_prompts=CSR_PROMPTS, csr__response_score="mean")
     _assert_lowered(s["before"], s["after"], 0.9)
     assert s["method"] == "csr" and s["iterations"] == CSR_ITERATIONS
@@ -99,7 +101,7 @@ def test_reduced_csr_run_lowers_chair_i(world_cache, baseline, tmp_path):
 
 
 def test_reduced_vigor_run_lowers_chair_i(world_cache, baseline, tmp_path):
-    s = _run("vigor_tiny.py", world_cache, baseline, tmp_path, vigor__num_prompts=VIGOR_PROMPTS)
+    s = _run("vigor", world_cache, baseline, tmp_path, vigor__num_prompts=VIGOR_PROMPTS)
     _assert_lowered(s["before"], s["after"], 0.9)
     records = [json.loads(l) for l in (tmp_path / "vigor_samples.jsonl").read_text().splitlines()]
     assert len(records) == VIGOR_PROMPTS

@@ -14,8 +14,7 @@ from fisao_jax.models.hf_io import init_params, save_params
 from fisao_jax.world.configs import default_build_config
 
 
-def _save(cfg, folder: pathlib.Path, seed: int) -> None:
-    params = init_params(cfg, jax.random.PRNGKey(seed))
+def _save(cfg, folder: pathlib.Path, params) -> None:
     folder.mkdir(parents=True)
     save_params(folder / "params", params)
     kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
@@ -23,7 +22,8 @@ def _save(cfg, folder: pathlib.Path, seed: int) -> None:
 
 
 def make_toy_world(root: pathlib.Path, seed: int = 0) -> dict:
-    """{'policy', 'clip', 'tokenizer'} folders of random tiny models."""
+    """{'policy', 'verifier', 'tokenizer'} folders of random tiny models; the policy's vision
+    tower is the verifier's (the LLaVA recipe)."""
     data = synthetic.make_dataset(synthetic.WorldConfig(), 200, seed=0, split="toy")
     tok = train_tokenizer(data["captions"] + list(synthetic.PROMPTS), root / "tokenizer", vocab_size=300)
     world = default_build_config().world  # the scenes configs/tiny.py generates
@@ -38,6 +38,8 @@ def make_toy_world(root: pathlib.Path, seed: int = 0) -> dict:
                         text=C.CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
                                               eos_token_id=tok.eos_token_id, argmax_pooling=False))
-    _save(llava, root / "llava", seed)
-    _save(clip, root / "clip", seed + 1)
-    return {"policy": str(root / "llava"), "clip": str(root / "clip"), "tokenizer": str(root / "tokenizer")}
+    clip_params = init_params(clip, jax.random.PRNGKey(seed + 1))
+    llava_params = dict(init_params(llava, jax.random.PRNGKey(seed)), vision_tower=clip_params["vision_model"])
+    _save(llava, root / "llava", llava_params)
+    _save(clip, root / "clip", clip_params)
+    return {"policy": str(root / "llava"), "verifier": str(root / "clip"), "tokenizer": str(root / "tokenizer")}

@@ -6,31 +6,16 @@ trainer takes over the non-ignored labels; the prompt is never a target).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fisao_jax.methods.dpo import make_minibatch_update
-from fisao_jax.models.llava import LlavaModel
-from fisao_jax.ppo import logprobs_from_logits
+from fisao_jax.models.vlm import VisionLanguageModel
+from fisao_jax.policy import response_logprobs
+from fisao_jax.update import make_minibatch_update
 
-SFT_KEYS = ("input_ids", "attention_mask", "pixel_values", "tokens", "mask", "weight")
-
-
-def token_logprobs(model: LlavaModel, params: Any, batch: dict) -> jax.Array:
-    """[B, N] log-probs (nats) of the response `tokens` after the prompt; 0 where mask is 0."""
-    t = batch["input_ids"].shape[1]
-    full_ids = jnp.concatenate([batch["input_ids"], batch["tokens"].astype(batch["input_ids"].dtype)], axis=1)
-    full_mask = jnp.concatenate([batch["attention_mask"], batch["mask"]], axis=1).astype(jnp.int32)
-    image_mask = jnp.concatenate([batch["input_ids"] == model.cfg.image_token_id,
-                                  jnp.zeros(batch["tokens"].shape, bool)], axis=1)  # prompt image tokens only
-    out = model.apply({"params": params}, full_ids, batch["pixel_values"], full_mask, use_lora=True,
-                      logits_from=t - 1, image_mask=image_mask, method=LlavaModel.forward)
-    logp = logprobs_from_logits(out["logits"][:, :-1], batch["tokens"])
-    return jnp.where(batch["mask"] > 0, logp, 0.0)
+SFT_KEYS = ("input_ids", "attention_mask", "tokens", "mask", "weight")
 
 
 def sft_loss(logp: jax.Array, mask: jax.Array, weight: jax.Array) -> tuple[jax.Array, dict]:
@@ -47,13 +32,21 @@ def sft_loss(logp: jax.Array, mask: jax.Array, weight: jax.Array) -> tuple[jax.A
     return loss, jax.tree.map(lax.stop_gradient, stats)
 
 
-def make_sft_update(model: LlavaModel, optimizer: optax.GradientTransformation, num_minibatches: int = 1):
-    """`update(state, batch) -> (state, metrics)`: one optimizer step per minibatch on the LoRA.
-
-    batch: {'input_ids', 'attention_mask' [B, T], 'pixel_values' [B, 3, H, W], 'tokens',
-    'mask' [B, N] (targets, EOS included), 'weight' [B]}. See `make_minibatch_update`."""
+def make_sft_loss(model: VisionLanguageModel):
+    """loss_fn(params, minibatch) -> (loss, stats): the minibatch holds SFT_KEYS ('tokens',
+    'mask' [B, N] = the targets, EOS included) and the image inputs."""
 
     def loss_fn(params, mb):
-        return sft_loss(token_logprobs(model, params, mb), mb["mask"], mb["weight"])
+        logp = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], use_lora=True)["logprobs"]
+        loss, stats = sft_loss(logp, mb["mask"], mb["weight"])
+        return loss, dict(stats, loss=lax.stop_gradient(loss))
 
-    return make_minibatch_update(loss_fn, optimizer, num_minibatches)
+    return loss_fn
+
+
+def make_sft_update(model: VisionLanguageModel, optimizer: optax.GradientTransformation, num_minibatches: int = 1,
+                    batch_shards: int = 1):
+    """Pure `update(trainable, opt_state, step, frozen, batch, key)`: one optimizer step per
+    minibatch on the LoRA. See `fisao_jax.update.make_minibatch_update`."""
+    return make_minibatch_update(make_sft_loss(model), optimizer, num_minibatches=num_minibatches,
+                                 batch_shards=batch_shards)

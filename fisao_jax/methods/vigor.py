@@ -1,6 +1,6 @@
 """ViGoR, automatic variant (Yan et al., 2024) on FiSAO's machinery.
 
-    python -m fisao_jax.main --config=configs/vigor_tiny.py --workdir=runs/vigor_tiny
+    python -m fisao_jax.main --config=configs/tiny.py:vigor --workdir=runs/vigor_tiny
 
 Offline, as in the paper (supervision generated once with the initial model):
 
@@ -31,13 +31,30 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from fisao_jax import atomic
+from fisao_jax.config_checks import check_section
+from fisao_jax.methods.csr_search import sentence_end_table
+from fisao_jax.methods.sft import make_sft_update
+from fisao_jax.params import merge_params, split_params
+from fisao_jax.run.batches import pad_to_multiple, prompt_batches
+from fisao_jax.run.frame import finish_run, start_run
+from fisao_jax.run.log import MetricsLog
+from fisao_jax.run.offline import train_epochs
+from fisao_jax.train_state import TrainState, counter, init_opt_state
+from fisao_jax.update import make_optimizer
 
 THRESHOLDS = ("midpoint", "s_h", "s_c", "fixed")
 PENALTIES = ("count", "strength")
+SETTINGS = ("vigor", "sft")
+
+
+class VigorState(TrainState):
+    """The SFT state and the completed epochs."""
+
+    epoch: jax.Array
 
 
 def rejection_threshold(baseline, kind: str, value: float = 0.0) -> float:
@@ -110,8 +127,6 @@ def refine_tokens(tokens: Sequence[int], mask: Sequence[int], rejected: Sequence
 
 def validate(config) -> None:
     """ConfigError naming the key for bad `vigor.*` / `sft.*` values."""
-    from fisao_jax.methods import check_section
-
     check_section(config, "vigor", positive_ints=("num_samples", "prompt_batch_size"), non_negative=("num_prompts",),
                   choices={"threshold": THRESHOLDS, "penalty": PENALTIES})
     check_section(config, "sft", positive_ints=("epochs", "batch_size", "num_minibatches"), positive=("lr",),
@@ -121,36 +136,23 @@ def validate(config) -> None:
 def collect(setup, config, params, threshold: float, key: jax.Array, progress: bool = True) -> tuple[dict, list, dict]:
     """Sample, score, select and refine over the first `vigor.num_prompts` prompts.
 
-    Returns (SFT arrays {'input_ids', 'attention_mask', 'pixel_values', 'tokens', 'mask'},
+    Returns (SFT arrays {'input_ids', 'attention_mask', image inputs, 'tokens', 'mask'},
     per-prompt records for vigor_samples.jsonl, summary statistics)."""
-    from tqdm.auto import tqdm
-
-    from fisao_jax import methods
-    from fisao_jax.methods.csr import sentence_end_table
-    from fisao_jax.rewards import verifier
-    from fisao_jax.rewards.spans import find_entity_spans
-
     v, task = config.vigor, setup.task
     k = v.num_samples
     n_tokens = config.rollout.max_new_tokens
     stop = sentence_end_table(task.tokenizer, setup.module.cfg.text.vocab_size)
-    spans_fn = jax.jit(lambda toks, mask, tab: find_entity_spans(toks, mask, tab))
-    img_fn = jax.jit(lambda p, pix: verifier.image_embeddings(setup.clip_module, p, pix))
-    score_fn = jax.jit(verifier.span_scores)
+    keys = setup.batch_keys
     rows, records = [], []
     stats = {"prompts": 0, "skipped_empty": 0, "chosen_penalty": 0.0, "mean_penalty": 0.0, "chosen_positive": 0.0,
              "dropped_sentences_tokens": 0}
-    batches = methods.prompt_batches(task, v.num_prompts or task.num_train_prompts, v.prompt_batch_size)
+    batches = prompt_batches(task, v.num_prompts or task.num_train_prompts, v.prompt_batch_size)
     for i, (batch, n) in enumerate(tqdm(batches, desc="ViGoR sampling", unit="batch", disable=not progress,
                                         leave=False)):
-        rep = {key_: np.repeat(np.asarray(batch[key_]), k, axis=0)
-               for key_ in ("input_ids", "attention_mask", "pixel_values")}
-        pix = jnp.asarray(rep["pixel_values"])
-        roll = setup.rollout_fn(params, jnp.asarray(rep["input_ids"]), jnp.asarray(rep["attention_mask"]), pix,
-                                jax.random.fold_in(key, i))
-        ent = spans_fn(roll.tokens, roll.mask, setup.span_table)
-        scores = score_fn(img_fn(setup.clip_params, pix), setup.text_table, ent)
-        toks, mask, ent, scores = (np.asarray(x) for x in (roll.tokens, roll.mask, ent, scores))
+        dev = setup.put_batch({key_: np.repeat(np.asarray(batch[key_]), k, axis=0) for key_ in keys})
+        roll = setup.rollout_fn(params, dev, jax.random.fold_in(key, i))
+        found = setup.verifier.verify_jit(setup.vstate, roll.tokens, roll.mask, dev["pixel_values"])
+        toks, mask, ent, scores = (np.asarray(x) for x in (roll.tokens, roll.mask, found.entity_id, found.scores))
         penalty, positive, rejected = noun_penalties(scores, ent, threshold, v.penalty)
         b = len(batch["input_ids"])
         chosen = select_samples(penalty.reshape(b, k), positive.reshape(b, k))
@@ -175,8 +177,7 @@ def collect(setup, config, params, threshold: float, key: jax.Array, progress: b
             target = np.full(n_tokens, task.pad_token_id, np.int32)
             target_mask = np.zeros(n_tokens, np.int32)
             target[:len(refined)], target_mask[:len(refined)] = refined, 1
-            rows.append({"input_ids": batch["input_ids"][row], "attention_mask": batch["attention_mask"][row],
-                         "pixel_values": batch["pixel_values"][row], "tokens": target, "mask": target_mask})
+            rows.append({**{key_: batch[key_][row] for key_ in keys}, "tokens": target, "mask": target_mask})
     p = max(stats["prompts"], 1)
     summary = {"vigor/prompts": stats["prompts"], "vigor/targets": len(rows),
                "vigor/skipped_empty": stats["skipped_empty"], "vigor/chosen_penalty": stats["chosen_penalty"] / p,
@@ -189,16 +190,10 @@ def collect(setup, config, params, threshold: float, key: jax.Array, progress: b
 
 def train(config, workdir) -> dict:
     """Run (or resume) ViGoR in `workdir`; returns the summary also written to summary.json."""
-    from tqdm.auto import tqdm
-
-    from fisao_jax import methods, ppo
-    from fisao_jax.methods.sft import make_sft_update
-    from fisao_jax.params import merge_params
-    from fisao_jax.train import MetricsLog, replicate_unsharded
-
     validate(config)
-    run = methods.start_run(config, workdir, "vigor")
+    run = start_run(config, workdir, "vigor")
     setup, v, s = run.setup, config.vigor, config.sft
+    layout = setup.layout
     threshold = rejection_threshold(run.baseline, v.threshold, v.threshold_value)
     data_path = run.workdir / "vigor_data.npz"
     collect_stats = {}
@@ -215,36 +210,38 @@ def train(config, workdir) -> dict:
                                f"see {run.workdir / 'vigor_samples.jsonl'} and lower 'vigor.threshold'")
         atomic.write_jsonl(run.workdir / "vigor_samples.jsonl", records)
         _save_npz(data_path, data)
-    optimizer = ppo.make_optimizer(s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm or None)
-    pstate = ppo.init_ppo_state(setup.params, optimizer)
-    frozen = pstate.frozen
-    state = {"trainable": pstate.trainable, "opt_state": replicate_unsharded(pstate.opt_state, setup.mesh),
-             "step": pstate.step, "epoch": jnp.zeros((), jnp.int32)}
+    optimizer = make_optimizer(s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm)
+    trainable, frozen = split_params(setup.params)
+    state = VigorState(trainable=trainable, opt_state=init_opt_state(optimizer, trainable, layout), step=counter(),
+                       epoch=counter())
+    state = jax.device_put(state, layout.of(state))
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)
-        print(f"resumed from {run.ckpt.directory / str(run.latest)} (epoch {int(state['epoch'])})")
-    start = int(state["epoch"])
+        print(f"resumed from {run.ckpt.directory / str(run.latest)} (epoch {int(state.epoch)})")
+    start = int(state.epoch)
     chunk = s.batch_size * s.num_minibatches
-    data = methods.pad_to_multiple(data, chunk)
-    update = make_sft_update(setup.module, optimizer, s.num_minibatches)
+    data = pad_to_multiple(data, chunk)
+    update = make_sft_update(setup.module, optimizer, s.num_minibatches, batch_shards=layout.batch_shards)
+    shardings = layout.of(state)
+    step = layout.jit(lambda st, fz, batch: st.apply(update, fz, batch, None),
+                      in_shardings=(shardings, layout.of(frozen), layout.batch),
+                      out_shardings=(shardings, layout.replicated))
     log = MetricsLog(run.workdir, start)
     for epoch in tqdm(range(start, s.epochs), initial=start, total=s.epochs, desc="ViGoR SFT", unit="epoch"):
         t0 = time.time()
-        pstate = ppo.PPOState(state["trainable"], frozen, state["opt_state"], state["step"])
-        pstate, upd, skipped = methods.train_epochs(update, pstate, data, chunk, 1,
-                                                    np.random.default_rng([config.seed, epoch]))
-        state = {"trainable": pstate.trainable, "opt_state": pstate.opt_state, "step": pstate.step,
-                 "epoch": jnp.asarray(epoch + 1, jnp.int32)}
+        state, upd, skipped = train_epochs(lambda st, x: step(st, frozen, x), state, data, chunk, 1,
+                                           np.random.default_rng([config.seed, epoch]), layout.put_batch)
+        state = jax.device_put(state.replace(epoch=counter(epoch + 1)), shardings)
         metrics = {k if k.startswith("sft/") else f"sft/{k}": x for k, x in upd.items()}
         metrics.update({"sft/nonfinite_skipped": skipped, "time/sft_epoch": time.time() - t0,
                         **(collect_stats if epoch == start else {})})
         log.write(epoch + 1, metrics)
         run.ckpt.save(epoch + 1, state)
-        print(f"ViGoR epoch {epoch + 1}: SFT loss {metrics.get('sft/loss', float('nan')):.4f}")
+        tqdm.write(f"ViGoR epoch {epoch + 1}: SFT loss {metrics.get('sft/loss', float('nan')):.4f}")
     log.close()
     run.ckpt.close()
     extra = {"threshold": threshold, "sft_examples": int(data["weight"].sum())}
-    return methods.finish_run(run, config, merge_params(state["trainable"], frozen), s.epochs, extra)
+    return finish_run(run, merge_params(state.trainable, frozen), s.epochs, SETTINGS, extra)
 
 
 def _jsonable(x):

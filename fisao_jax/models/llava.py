@@ -45,6 +45,7 @@ class LlavaModel(VisionLanguageModel):
     """LLaVA: `image_features(pixel_values [N_img, 3, H, W])` -> [N_img, num_image_tokens, D_text]."""
 
     image_input_keys = ("pixel_values",)
+    vision_param_key = "vision_tower"
 
     def setup_vision(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -60,18 +61,17 @@ class LlavaModel(VisionLanguageModel):
         hidden, _ = self.vision_tower(pixel_values, num_layers=run)
         return hidden
 
-    def project_hidden_states(self, hidden: tuple) -> jax.Array:
-        """Selected feature layers -> projected features [N_img, num_image_tokens, D_text]."""
+    def select_features(self, hidden: tuple) -> jax.Array:
+        """The feature layers of the tower's hidden states, concatenated, CLS dropped under the
+        'default' strategy: [N_img, num_image_tokens, D_vision x layers] (before the projector)."""
         c = self.cfg
         idx = feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
         feats = jnp.concatenate([hidden[i] for i in idx], axis=-1)
-        if c.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        return self.multi_modal_projector(feats)
+        return feats[:, 1:] if c.vision_feature_select_strategy == "default" else feats
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """[N_img, 3, H, W] -> projected features [N_img, num_image_tokens, D_text]."""
-        return self.project_hidden_states(self.vision_hidden_states(pixel_values))
+        return self.multi_modal_projector(self.select_features(self.vision_hidden_states(pixel_values)))
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  use_lora: bool = True, deterministic: bool = True):

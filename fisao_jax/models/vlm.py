@@ -54,6 +54,7 @@ class VisionLanguageModel(nn.Module):
     remat: bool = False  # per-decoder-layer rematerialisation (PPO update memory)
 
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    vision_param_key: ClassVar[str] = "vision_model"  # top-level params of the vision encoder
 
     def setup_vision(self) -> None:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fisao_jax import atomic
+from fisao_jax.rewards.reward import RewardParams
 
 _FLOAT_KEYS = ("s_c", "s_h", "s_min", "s_max", "low_pct", "high_pct")
 _INT_KEYS = ("num_correct", "num_hallucinated")
@@ -71,9 +72,9 @@ class BaselineScores:
                    s_min=float(s_min), s_max=float(s_max), low_pct=float(low_pct),
                    high_pct=float(high_pct), num_correct=n_c, num_hallucinated=n_h)
 
-    def reward_kwargs(self) -> dict[str, float]:
-        """{s_c, s_h, s_min, s_max} as keyword arguments of the reward functions."""
-        return {"s_c": self.s_c, "s_h": self.s_h, "s_min": self.s_min, "s_max": self.s_max}
+    def reward_params(self, margin: float):
+        """The `RewardParams` pytree of these scores and the margin lambda."""
+        return RewardParams.create(margin, self.s_c, self.s_h, self.s_min, self.s_max)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,8 +31,9 @@ from fisao_jax.data.synthetic import WorldConfig, chair_synonym_lines, prompt_te
 from fisao_jax.eval import chair
 from fisao_jax.models import hf_io
 from fisao_jax.models.configs import CLIPConfig, LlamaConfig, LlavaConfig
-from fisao_jax.models.llava import LlavaModel, feature_indices
+from fisao_jax.models.llava import LlavaModel
 from fisao_jax.rollout import SamplingConfig, make_rollout
+from fisao_jax.update import make_minibatch_update
 from fisao_jax.world.configs import SftSettings, pixel_values
 
 TRAINED_KEYS = ("multi_modal_projector", "language_model", "lm_head")
@@ -73,11 +74,7 @@ def init_llava_params(cfg: LlavaConfig, clip_params: Any, key: jax.Array) -> dic
 
 
 def _tower_features(m: LlavaModel, pixel_values):
-    c = m.cfg
-    idx = feature_indices(c.vision_feature_layer, c.vision.num_hidden_layers)
-    hidden, _ = m.vision_tower(pixel_values, num_layers=max(idx))
-    feats = jnp.concatenate([hidden[i] for i in idx], axis=-1)
-    return feats[:, 1:] if c.vision_feature_select_strategy == "default" else feats
+    return m.select_features(m.vision_hidden_states(pixel_values))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -99,8 +96,7 @@ def vision_features(module: LlavaModel, params: Any, images: np.ndarray, batch_s
 
 def _logits_from_features(m: LlavaModel, input_ids, features, attention_mask):
     """Logits [B,T,V] with precomputed tower features [B, N_img, D_vision] (projector applied here)."""
-    return m.forward(input_ids, attention_mask=attention_mask,
-                     image_features=m.multi_modal_projector(features))["logits"]
+    return m.forward(input_ids, m.multi_modal_projector(features), attention_mask)["logits"]
 
 
 def prompt_texts(prompts: Sequence[str], system: Optional[str]) -> list[str]:
@@ -174,21 +170,22 @@ def response_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def _loss(module: LlavaModel, trainable: dict, frozen: dict, batch: dict) -> jax.Array:
-    logits = module.apply({"params": {**frozen, **trainable}}, batch["input_ids"], batch["features"],
-                          batch["attention_mask"], method=_logits_from_features)
-    return response_loss(logits, batch["input_ids"], batch["loss_mask"])
+def _loss(module: LlavaModel, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+    logits = module.apply({"params": params}, batch["input_ids"], batch["features"], batch["attention_mask"],
+                          method=_logits_from_features)
+    loss = response_loss(logits, batch["input_ids"], batch["loss_mask"])
+    return loss, {"loss": jax.lax.stop_gradient(loss)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def train_step(module: LlavaModel, s: SftSettings, trainable: dict, frozen: dict, opt_state: Any,
-               batch: dict) -> tuple[dict, Any, jax.Array]:
-    """One AdamW step `-> (trainable, opt_state, loss)`, compiled once per (module, settings, shapes).
+@functools.lru_cache(maxsize=4)
+def train_step(module: LlavaModel, s: SftSettings):
+    """Compiled `step(trainable, opt_state, step, frozen, batch) -> (trainable, opt_state, step,
+    metrics)`: one AdamW step (the shared update, `fisao_jax.update`; a non-finite step is
+    skipped), compiled once per (module, settings, shapes).
 
     batch: 'input_ids', 'attention_mask', 'loss_mask' [B,T] int32, 'features' [B,N_img,D_vision]."""
-    loss, grads = jax.value_and_grad(functools.partial(_loss, module))(trainable, frozen, batch)
-    updates, opt_state = make_optimizer(s).update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+    update = make_minibatch_update(functools.partial(_loss, module), make_optimizer(s), num_minibatches=1)
+    return jax.jit(lambda tr, opt, st, fz, batch: update(tr, opt, st, fz, batch, None)[:4])
 
 
 def train_sft(s: SftSettings, clip_module: Any, clip_params: Any, tokenizer, data: dict, seed: int,
@@ -219,6 +216,8 @@ def train_sft(s: SftSettings, clip_module: Any, clip_params: Any, tokenizer, dat
     trainable = {k: params[k] for k in TRAINED_KEYS if k in params}
     frozen = {k: v for k, v in params.items() if k not in trainable}
     opt_state = make_optimizer(s).init(trainable)
+    step = jnp.zeros((), jnp.int32)
+    run_step = train_step(module, s)
     rng = np.random.default_rng([seed, 2])
     sizes = sorted(buckets)
     weights = np.array([len(buckets[b]["rows"]) for b in sizes], np.float64)
@@ -231,8 +230,8 @@ def train_sft(s: SftSettings, clip_module: Any, clip_params: Any, tokenizer, dat
         pick = rng.choice(len(bucket["rows"]), s.batch_size, replace=len(bucket["rows"]) < s.batch_size)
         batch = {k: bucket[k][pick] for k in ("input_ids", "attention_mask", "loss_mask")}
         batch["features"] = features[bucket["rows"][pick]]
-        trainable, opt_state, loss = train_step(module, s, trainable, frozen, opt_state, batch)
-        pending.append(loss)
+        trainable, opt_state, step, metrics = run_step(trainable, opt_state, step, frozen, batch)
+        pending.append(metrics["loss"])
         if len(pending) == 10 or i == s.steps - 1:
             history["loss"] += [float(x) for x in jax.device_get(pending)]
             pending = []
@@ -263,7 +262,7 @@ def generate_captions(module: LlavaModel, params: Any, tokenizer, images: np.nda
                                             system, prompt_len)
         pix = pixel_values(np.concatenate([images[chunk], np.repeat(images[:1], pad, axis=0)]))
         key, sub = jax.random.split(key)
-        out = rollout(params, p_ids, p_mask, pix, sub)
+        out = rollout(params, {"input_ids": p_ids, "attention_mask": p_mask, "pixel_values": pix}, sub)
         tokens, mask = np.asarray(out.tokens)[:n], np.asarray(out.mask)[:n]
         texts += [tokenizer.decode(t[m > 0], skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]
     return texts
