@@ -1,12 +1,16 @@
-"""Packaged data: every file in fisao_jax/resources/ is package data (pyproject's globs), named in
-`fisao_jax.packaged` and in the NOTICE, and readable through importlib.resources."""
+"""Packaged data: every file in fisao_jax/resources/ is package data (pyproject's globs, and in a
+built wheel), named in `fisao_jax.packaged` and in the NOTICE, and readable through
+importlib.resources."""
 import gzip
 import importlib.resources
 import json
 import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
-from setuptools.config.pyprojecttoml import read_configuration
 
 from fisao_jax import packaged
 from fisao_jax.rewards import entities
@@ -20,8 +24,20 @@ def _resource_files() -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
+def _package_data_globs() -> list[str]:
+    path = REPO_ROOT / "pyproject.toml"
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # 3.10: setuptools' own TOML reader
+        from setuptools.config.pyprojecttoml import read_configuration
+        config = read_configuration(path)
+    else:
+        config = tomllib.loads(path.read_text())
+    return config["tool"]["setuptools"]["package-data"]["fisao_jax"]
+
+
 def test_every_resource_file_is_package_data():
-    globs = read_configuration(REPO_ROOT / "pyproject.toml")["tool"]["setuptools"]["package-data"]["fisao_jax"]
+    globs = _package_data_globs()
     # setuptools expands package-data globs relative to the package folder, files only
     covered = {p.relative_to(PACKAGE_DIR / "resources").as_posix()
                for g in globs for p in PACKAGE_DIR.glob(g) if p.is_file()}
@@ -61,3 +77,18 @@ def test_unknown_names_are_clear_errors():
         packaged.path("chair/nope.txt")
     with pytest.raises(ValueError, match="unknown POPE split 'easy'"):
         packaged.pope_coco("easy")
+
+
+def test_wheel_carries_the_resources(tmp_path):  # about 5 s
+    pytest.importorskip("setuptools")  # the build backend, used without an isolated (networked) build env
+    src = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(PACKAGE_DIR, src / "fisao_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("fisao_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"fisao_jax/resources/{name}" for name in packaged.ALL} <= names
+    assert "fisao_jax/packaged.py" in names
