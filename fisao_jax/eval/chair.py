@@ -40,7 +40,8 @@ from fisao_jax.eval import records as rec
 from fisao_jax.eval.singularize import singularize
 from fisao_jax.eval.word_tokenize import word_tokenize
 
-# Hard-coded rules of the reference implementation (see chair/chair_rules.json).
+# Hard-coded rules of the reference implementation, as the code has them; the same rules as data in
+# fisao_jax/resources/chair/chair_rules.json (the tests check that they agree).
 COCO_DOUBLE_WORDS = (
     "motor bike", "motor cycle", "air plane", "traffic light", "street light",
     "traffic signal", "stop light", "fire hydrant", "stop sign", "parking meter",
