@@ -92,8 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.calibration_images = 5000
     c.data.calibration_split = "train2014"
     c.data.eval_split = "val2014"
-    c.data.gt_objects = ""        # optional precomputed {image_id: objects} (.json / .json.gz)
-    c.data.chair_synonyms = ""    # '' = ../shared/data/chair/synonyms.txt or $FISAO_SHARED_DATA
+    c.data.gt_objects = ""        # '' = CHAIR rules on the split's annotations, else {image_id: objects} .json(.gz)
+    c.data.chair_synonyms = ""    # '' = the packaged reference table (fisao_jax/resources/chair/synonyms.txt)
 
     # CSR (method 'csr'): sentence-level beam search with the calibrated reward, iterative DPO
     c.csr = ml_collections.ConfigDict()

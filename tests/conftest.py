@@ -14,16 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> pathlib.Path:
-    """`../shared/data` beside the repository, or $FISAO_SHARED_DATA."""
-    return pathlib.Path(os.environ.get("FISAO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+TEST_DATA = REPO_ROOT / "tests" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    path = shared_data_dir()
-    if not path.is_dir():
-        pytest.skip(f"shared resource data not found at {path} (set FISAO_SHARED_DATA)")
-    return path
+def test_data() -> pathlib.Path:
+    """tests/data: the reference fixtures (sources in tests/data/README.md).
+
+    They are part of the repository, so a missing folder or file is a failure, never a skip.
+    """
+    if not TEST_DATA.is_dir():
+        pytest.fail(f"test fixtures folder {TEST_DATA} is missing (it is part of the repository)")
+    return TEST_DATA

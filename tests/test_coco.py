@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from fisao_jax import packaged
 from fisao_jax.data import coco
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"},
@@ -34,9 +35,9 @@ def coco_name(split, image_id):
 
 
 @pytest.fixture()
-def vocab(shared_data):
+def vocab():
     from fisao_jax.eval import chair
-    return chair.coco_vocab(str(shared_data / "chair" / "synonyms.txt"))
+    return chair.coco_vocab()
 
 
 @pytest.fixture()
@@ -140,10 +141,10 @@ def test_bad_annotation_files_name_the_file(small, tmp_path):
         coco.load_coco_split(small, "val2014", with_captions=False)
 
 
-def test_chair_ground_truth_matches_reference_fixture(shared_data, tmp_path, vocab):
+def test_chair_ground_truth_matches_reference_fixture(test_data, tmp_path, vocab):
     """80 val2014 images of LLaVA's CHAIR fixture: our folder pipeline gives the published objects."""
-    fixture = json.loads((shared_data / "chair" / "chair_gt_construction_fixture_coco80.json").read_text())["images"]
-    names = json.loads((shared_data / "categories" / "coco_categories.json").read_text())
+    fixture = json.loads((test_data / "chair" / "chair_gt_construction_fixture_coco80.json").read_text())["images"]
+    names = json.loads(packaged.path(packaged.COCO_CATEGORIES).read_text())
     categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
     cat_id = {c["name"]: c["id"] for c in categories}
     images = {im["image_id"]: coco_name("val2014", im["image_id"]) for im in fixture}
@@ -155,7 +156,7 @@ def test_chair_ground_truth_matches_reference_fixture(shared_data, tmp_path, voc
     expected = {im["image_id"]: set(im["expected_gt_objects"]) for im in fixture}
     assert {r.image_id: set(r.objects) for r in records} == expected
     # The precomputed file for all of COCO 2014 agrees on these images.
-    precomputed = coco.load_ground_truth_json(shared_data / "chair" / "coco2014_trainval_chair_gt_objects.json.gz")
+    precomputed = coco.load_ground_truth_json(packaged.path(packaged.CHAIR_GT_COCO2014))
     assert {i: precomputed[i] for i in expected} == expected
 
 

@@ -7,11 +7,14 @@ import sys
 
 import pytest
 
+from fisao_jax import packaged
 from fisao_jax.rewards import entities
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PACKAGED = REPO_ROOT / "fisao_jax" / "resources" / entities.DEFAULT_VOCAB_RESOURCE
+COCO = packaged.path(packaged.COCO_CATEGORIES)
+LVIS = packaged.path(packaged.LVIS_CATEGORIES)
 
 
 def _wordnet_or_skip():
@@ -22,9 +25,8 @@ def _wordnet_or_skip():
 
 
 @pytest.fixture(scope="module")
-def categories(shared_data):
-    d = shared_data / "categories"
-    return entities.read_categories(d / "coco_categories.json", d / "lvis_v1_categories.json")
+def categories():
+    return entities.read_categories(COCO, LVIS)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,9 @@ def test_read_categories_normalises_lvis(categories):
     assert sorted(c.synset for c in bow) == ["bow.n.04", "bow.n.08"]
 
 
-def test_every_coco_category_maps_to_itself(shared_data):
+def test_every_coco_category_maps_to_itself():
     vocab = entities.load_entity_vocab()
-    coco = json.loads((shared_data / "categories" / "coco_categories.json").read_text())
+    coco = json.loads(COCO.read_text())
     assert [c for c in coco if vocab.category_of(c) != c] == []
     assert len(set(vocab.categories)) == 1214  # distinct COCO + LVIS names after normalising
 
@@ -75,10 +77,8 @@ def test_packaged_vocabulary_expansions():
         assert vocab.category_of(noise) is None, noise
 
 
-def test_builder_is_deterministic_and_matches_packaged_file(built, shared_data):
-    d = shared_data / "categories"
-    again = entities.build_entity_vocab(entities.read_categories(
-        d / "coco_categories.json", d / "lvis_v1_categories.json"))
+def test_builder_is_deterministic_and_matches_packaged_file(built):
+    again = entities.build_entity_vocab(entities.read_categories(COCO, LVIS))
     assert again.to_json() == built.to_json()
     packaged = json.loads(PACKAGED.read_text())
     assert packaged["entities"] == built.as_dict()
@@ -90,14 +90,12 @@ def test_builder_is_deterministic_and_matches_packaged_file(built, shared_data):
 
 
 @pytest.mark.slow
-def test_tool_output_is_byte_identical_across_runs(tmp_path, shared_data):
+def test_tool_output_is_byte_identical_across_runs(tmp_path):
     _wordnet_or_skip()
-    d = shared_data / "categories"
     outputs = []
-    for name in ("a.json", "b.json"):
-        out = tmp_path / name
-        cmd = [sys.executable, str(REPO_ROOT / "tools" / "build_entities.py"), "--out", str(out),
-               "--coco", str(d / "coco_categories.json"), "--lvis", str(d / "lvis_v1_categories.json")]
+    for name, inputs in (("a.json", []), ("b.json", ["--coco", str(COCO), "--lvis", str(LVIS)])):
+        out = tmp_path / name  # the second run names the packaged inputs, the first takes them by default
+        cmd = [sys.executable, str(REPO_ROOT / "tools" / "build_entities.py"), "--out", str(out), *inputs]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         assert "surface forms:" in proc.stdout
         doc = json.loads(out.read_text())

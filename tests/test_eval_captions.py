@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Ja
 
 
 @pytest.fixture(scope="module")
-def fixtures(shared_data):
-    data = json.loads((shared_data / "captions" / "coco80_caption_metric_fixtures.json").read_text())
+def fixtures(test_data):
+    data = json.loads((test_data / "captions" / "coco80_caption_metric_fixtures.json").read_text())
     return {f["name"]: f for f in data["fixtures"]}
 
 
@@ -69,8 +69,8 @@ def test_cap_val_by_hand(fixtures):
         pytest.approx({"Cap_val_B1": 70.0, "Cap_val_B2": 200 / 3, "Cap_val_B3": 190 / 3, "Cap_val_B4": 60.0})
 
 
-def test_ptb_tokenizer_equals_java_reference_pairs(shared_data):
-    with gzip.open(shared_data / "captions" / "ptbtokenizer_reference_pairs.json.gz", "rt") as f:
+def test_ptb_tokenizer_equals_java_reference_pairs(test_data):
+    with gzip.open(test_data / "captions" / "ptbtokenizer_reference_pairs.json.gz", "rt") as f:
         pairs = json.load(f)
     assert len(pairs) == 27432
     tokens = captions.ptb_tokenize([p["input"] for p in pairs])

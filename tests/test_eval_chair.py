@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from fisao_jax import packaged
 from fisao_jax.eval import chair
 from fisao_jax.eval.singularize import singularize
 from fisao_jax.eval.word_tokenize import split_sentences, word_tokenize
@@ -14,24 +15,29 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def vocab(shared_data):
-    return chair.coco_vocab(str(shared_data / "chair" / "synonyms.txt"))
+def vocab():
+    return chair.coco_vocab()  # the packaged reference table
 
 
 @pytest.fixture(scope="module")
-def fixture80(shared_data):
-    return json.loads((shared_data / "chair" / "chair_gt_construction_fixture_coco80.json").read_text())
+def fixture80(test_data):
+    return json.loads((test_data / "chair" / "chair_gt_construction_fixture_coco80.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def coco_categories(shared_data):
-    names = json.loads((shared_data / "categories" / "coco_categories.json").read_text())
+def coco_categories():
+    names = json.loads(packaged.path(packaged.COCO_CATEGORIES).read_text())
     return [{"id": i + 1, "name": n} for i, n in enumerate(names)]
 
 
-def test_rules_equal_documented_reference_rules(shared_data, vocab):
-    rules = json.loads((shared_data / "chair" / "chair_rules.json").read_text())
-    lines = (shared_data / "chair" / "synonyms.txt").read_text().splitlines()
+def test_default_synonyms_are_the_packaged_table(vocab):
+    assert chair.default_synonyms_path() == packaged.path(packaged.CHAIR_SYNONYMS)
+    assert chair.coco_vocab(str(chair.default_synonyms_path())) == vocab
+
+
+def test_rules_equal_documented_reference_rules(vocab):
+    rules = json.loads(packaged.path(packaged.CHAIR_RULES).read_text())
+    lines = packaged.path(packaged.CHAIR_SYNONYMS).read_text().splitlines()
     assert chair.parse_synonym_lines(lines) == rules["synonyms_lines_raw_split"]
     expected = {w: w for w in rules["coco_double_words"]}
     for a in rules["animal_words"]:
@@ -115,10 +121,10 @@ def test_ground_truth_matches_fixture_80_of_80(fixture80, vocab, coco_categories
     assert sum(matches) == 80
 
 
-def test_ground_truth_from_raw_llava_boxes_file(shared_data, fixture80, vocab, coco_categories):
+def test_ground_truth_from_raw_llava_boxes_file(test_data, fixture80, vocab, coco_categories):
     cat_id = {c["name"]: c["id"] for c in coco_categories}
     instances, captions = [], []
-    for line in (shared_data / "chair" / "llava_caps_boxes_coco2014_val_80.jsonl").read_text().splitlines():
+    for line in (test_data / "chair" / "llava_caps_boxes_coco2014_val_80.jsonl").read_text().splitlines():
         item = json.loads(line)
         instances += [{"image_id": int(item["id"]), "category_id": cat_id[i["category"]]} for i in item["instances"]]
         captions += [{"image_id": int(item["id"]), "caption": c} for c in item["captions"]]
@@ -126,8 +132,8 @@ def test_ground_truth_from_raw_llava_boxes_file(shared_data, fixture80, vocab, c
     assert {im["image_id"]: set(im["expected_gt_objects"]) for im in fixture80["images"]} == gt
 
 
-def test_precomputed_gt_file_agrees_with_fixture(shared_data, fixture80):
-    gt = chair.load_gt_objects(shared_data / "chair" / "coco2014_trainval_chair_gt_objects.json.gz")
+def test_precomputed_gt_file_agrees_with_fixture(fixture80):
+    gt = chair.load_gt_objects(chair.default_gt_objects_path())
     assert len(gt) == 123287
     for im in fixture80["images"]:
         assert gt[im["image_id"]] == set(im["expected_gt_objects"])
@@ -174,7 +180,7 @@ def _run_cli(*args):
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
 
 
-def test_cli_scores_and_skips_bad_lines(tmp_path, shared_data):
+def test_cli_scores_and_skips_bad_lines(tmp_path):
     caps = tmp_path / "caps.jsonl"
     lines = [json.dumps(c) for c in HAND_CAPTIONS]
     lines.insert(1, "{not json")                                        # line 2
@@ -185,8 +191,7 @@ def test_cli_scores_and_skips_bad_lines(tmp_path, shared_data):
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps({str(k): sorted(v) for k, v in HAND_GT.items()}))
     details = tmp_path / "out" / "details.json"
-    synonyms = shared_data / "chair" / "synonyms.txt"
-    proc = _run_cli("--captions", caps, "--gt_objects", gt, "--synonyms", synonyms, "--output", details)
+    proc = _run_cli("--captions", caps, "--gt_objects", gt, "--output", details)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["CHAIRs"] == pytest.approx(100 * 2 / 3)
@@ -198,19 +203,35 @@ def test_cli_scores_and_skips_bad_lines(tmp_path, shared_data):
         assert where in proc.stderr
     assert len(json.loads(details.read_text())["sentences"]) == 3
 
+    synonyms = tmp_path / "synonyms.txt"  # --synonyms overrides the packaged table
+    synonyms.write_text(packaged.path(packaged.CHAIR_SYNONYMS).read_text())
     strict = _run_cli("--captions", caps, "--gt_objects", gt, "--synonyms", synonyms, "--strict")
     assert strict.returncode == 2 and strict.stdout == ""
 
 
-def test_cli_missing_gt_file_is_a_clear_error(tmp_path, shared_data):
+def test_cli_missing_gt_file_is_a_clear_error(tmp_path):
     caps = tmp_path / "caps.jsonl"
     caps.write_text(json.dumps(HAND_CAPTIONS[0]) + "\n")
-    proc = _run_cli("--captions", caps, "--gt_objects", tmp_path / "nope.json",
-                    "--synonyms", shared_data / "chair" / "synonyms.txt")
+    proc = _run_cli("--captions", caps, "--gt_objects", tmp_path / "nope.json")
     assert proc.returncode != 0 and "nope.json: no such file" in proc.stderr
+    proc = _run_cli("--captions", caps, "--synonyms", tmp_path / "nope.txt")
+    assert proc.returncode != 0 and "nope.txt not found" in proc.stderr
 
 
-def test_cli_builds_ground_truth_from_coco_annotation_folder(tmp_path, shared_data, fixture80, coco_categories):
+def test_cli_defaults_to_packaged_coco2014_ground_truth(tmp_path, fixture80):
+    image = fixture80["images"][0]
+    assert image["expected_gt_objects"] == ["donut"]
+    caps = tmp_path / "caps.jsonl"
+    # tokens: a donut and a cat .  -> donut (correct), cat (hallucinated); 6 tokens
+    caps.write_text(json.dumps({"image_id": image["image_id"], "caption": "A donut and a cat."}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "fisao_jax.eval.chair", "--captions", "caps.jsonl"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["CHAIRs"], out["CHAIRi"], out["Recall"], out["Len"]) == (100.0, 50.0, 100.0, 6.0)
+
+
+def test_cli_builds_ground_truth_from_coco_annotation_folder(tmp_path, fixture80, coco_categories):
     cat_id = {c["name"]: c["id"] for c in coco_categories}
     images = fixture80["images"][:3]
     instances = [{"id": k, "image_id": im["image_id"], "category_id": cat_id[c]}
@@ -226,8 +247,7 @@ def test_cli_builds_ground_truth_from_coco_annotation_folder(tmp_path, shared_da
     caps = tmp_path / "caps.jsonl"
     # tokens: a donut and a cat .  -> donut (correct), cat (hallucinated); 6 tokens
     caps.write_text(json.dumps({"image_id": images[0]["image_id"], "caption": "A donut and a cat."}) + "\n")
-    proc = _run_cli("--captions", caps, "--coco_annotations", annotations,
-                    "--synonyms", shared_data / "chair" / "synonyms.txt")
+    proc = _run_cli("--captions", caps, "--coco_annotations", annotations)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["CHAIRs"], out["CHAIRi"], out["Recall"], out["Len"]) == (100.0, 50.0, 100.0, 6.0)

@@ -6,13 +6,14 @@ import sys
 
 import pytest
 
+from fisao_jax import packaged
 from fisao_jax.eval import pope
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_parsers_match_every_published_case(shared_data):
-    cases = json.loads((shared_data / "pope" / "pope_answer_parsing_cases.json").read_text())["cases"]
+def test_parsers_match_every_published_case(test_data):
+    cases = json.loads((test_data / "pope" / "pope_answer_parsing_cases.json").read_text())["cases"]
     assert len(cases) == 29
     for case in cases:
         assert pope.parse_official(case["answer"]) == case["official_pope_and_llava_eval_pope"], case
@@ -20,8 +21,10 @@ def test_parsers_match_every_published_case(shared_data):
 
 
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
-def test_official_question_files_load_cleanly(shared_data, split):
-    questions, problems = pope.load_questions(str(shared_data / "pope" / f"pope_coco_{split}.json"))
+def test_official_question_files_load_cleanly(split):
+    path = pope.questions_path(split)  # the packaged file
+    assert path == str(packaged.path(packaged.pope_coco(split)))
+    questions, problems = pope.load_questions(path)
     assert problems == []
     assert len(questions) == 3000
     assert sum(q["label"] == "yes" for q in questions) == 1500
@@ -130,3 +133,13 @@ def test_cli_rejects_unpaired_files(tmp_path):
     q, a = _write_hand_files(tmp_path, "random")
     proc = _run_cli("--questions", q, q, "--answers", a)
     assert proc.returncode == 2 and "one --answers file per --questions file" in proc.stderr
+
+
+def test_cli_reads_packaged_questions_by_split_name(tmp_path):
+    ids = [q["question_id"] for q in pope.load_questions(pope.questions_path("adversarial"))[0]]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"question_id": i, "text": "Yes"}) + "\n" for i in ids))
+    proc = subprocess.run([sys.executable, "-m", "fisao_jax.eval.pope", "--questions", "adversarial",
+                           "--answers", "answers.jsonl"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["splits"]["adversarial"]  # all "yes" on 1500 yes + 1500 no
+    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (0.5, 0.5, 1.0, 1.0)

@@ -136,7 +136,7 @@ def test_parameters_cell_holds_literals_and_network_calls_are_guarded():
         assert unguarded_network_calls(ast.parse(_source(cell))) == [], cell["id"]
     # the network steps exist (the check above is not vacuous)
     calls = {_call_name(n) for c in cells for n in ast.walk(ast.parse(_source(c))) if isinstance(n, ast.Call)}
-    assert {"sh", "snapshot_download", "hf_hub_download", "urlretrieve", "upload_folder"} <= calls
+    assert {"sh", "snapshot_download", "hf_hub_download", "upload_folder"} <= calls
 
 
 # ----------------------------------------------------------------------------- TINY run
@@ -160,7 +160,7 @@ def _coco_split(root, split, ids, category_ids):
     return images
 
 
-def _tiny_inputs(tmp, shared_data) -> dict:
+def _tiny_inputs(tmp) -> dict:
     """Tiny random models and fixture files, as values for the notebook's parameters."""
     paths = toy_world.make_toy_world(tmp / "world")
     # head_dim explicit, as in converted Hugging Face checkpoints: export checks that its
@@ -188,7 +188,7 @@ def _tiny_inputs(tmp, shared_data) -> dict:
         "POLICY_DIR": paths["policy"], "CLIP_DIR": paths["clip"], "TOKENIZER_DIR": paths["tokenizer"],
         "CLIP_TOKENIZER_DIR": paths["tokenizer"], "COCO_ROOT": str(coco), "INSTRUCT_JSON": str(tmp / "instruct.json"),
         "POPE_FILES": [str(tmp / "coco_pope_random.json")],
-        "CHAIR_SYNONYMS": str(shared_data / "chair" / "synonyms.txt"),
+        "CHAIR_SYNONYMS": "",  # the packaged table
         "BASELINE_PATH": str(tmp / "baseline.json"), "EXPORT_DTYPE": "float32", "RUN_NAME": "tiny",
         "CONFIG_OVERRIDES": {
             "model.dtype": "float32", "model.lora_rank": 8, "model.lora_alpha": 16.0, "model.remat": False,
@@ -220,10 +220,9 @@ def _official_pope_parse(answer: str) -> str:
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end_in_tiny_mode(tmp_path, shared_data, monkeypatch):
+def test_notebook_runs_end_to_end_in_tiny_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the notebook adds REPO_DIR
-    monkeypatch.setenv("FISAO_SHARED_DATA", str(shared_data))  # it would set a default under WORK otherwise
-    inputs = _tiny_inputs(tmp_path, shared_data)
+    inputs = _tiny_inputs(tmp_path)
     ns = run_notebook(inputs)
     run = tmp_path / "work" / "runs" / "tiny"
 

@@ -16,6 +16,7 @@ import inflect
 import numpy as np
 import pytest
 
+from fisao_jax import packaged
 from fisao_jax.data import synthetic
 from fisao_jax.data.synthetic import WorldConfig
 
@@ -236,11 +237,11 @@ def test_object_crops_hold_their_object():
         assert _COLOUR_RULES[o.colour](r, g, b).mean() > 0.015, o
 
 
-def test_vocabulary_matches_coco_lvis_and_chair_format(shared_data):
+def test_vocabulary_matches_coco_lvis_and_chair_format():
     cfg = WorldConfig()
     assert len(synthetic.class_names(cfg)) >= 12
-    coco = set(json.loads((shared_data / "categories" / "coco_categories.json").read_text()))
-    lvis = json.loads((shared_data / "categories" / "lvis_v1_categories.json").read_text())
+    coco = set(json.loads(packaged.path(packaged.COCO_CATEGORIES).read_text()))
+    lvis = json.loads(packaged.path(packaged.LVIS_CATEGORIES).read_text())
     lvis_words = {s.replace("_", " ") for c in lvis for s in [c["name"], *c["synonyms"]]}
     for name in cfg.classes:
         assert name in coco or name in lvis_words, name
@@ -251,17 +252,17 @@ def test_vocabulary_matches_coco_lvis_and_chair_format(shared_data):
     assert [p[0] for p in parsed] == list(cfg.classes)
     for words in parsed:
         assert _INFLECT.plural(words[0]) in words
-    reference_first = (shared_data / "chair" / "synonyms.txt").read_text().splitlines()[1]
+    reference_first = packaged.path(packaged.CHAIR_SYNONYMS).read_text().splitlines()[1]
     assert reference_first.split(", ")[0] == "bicycle"  # same separator convention
     expected = sorted({w for c in cfg.classes for w in (c, _INFLECT.plural(c))})
     assert synthetic.entity_names(cfg) == expected
 
 
-def test_no_other_caption_word_is_a_coco_or_lvis_entity(shared_data, world):
+def test_no_other_caption_word_is_a_coco_or_lvis_entity(world):
     """Otherwise a COCO/LVIS entity vocabulary would see phantom objects in the captions."""
     _, data = world
-    coco = set(json.loads((shared_data / "categories" / "coco_categories.json").read_text()))
-    lvis = json.loads((shared_data / "categories" / "lvis_v1_categories.json").read_text())
+    coco = set(json.loads(packaged.path(packaged.COCO_CATEGORIES).read_text()))
+    lvis = json.loads(packaged.path(packaged.LVIS_CATEGORIES).read_text())
     entities = coco | {s.replace("_", " ") for c in lvis for s in [c["name"], *c["synonyms"]]}
     entities |= {_INFLECT.plural(e) for e in list(entities)}
     words = {w for text in data["captions"] + data["clip_texts"] for w in re.findall(r"[a-z]+", text.lower())}

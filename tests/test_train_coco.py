@@ -28,7 +28,7 @@ def _coco(root, split, ids, cats):
     return images
 
 
-def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path, shared_data):
+def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path):
     paths = toy_world.make_toy_world(tmp_path / "world")
     coco = tmp_path / "coco"
     train = _coco(coco, "train2014", list(range(1, 9)), [18, 61])
@@ -47,7 +47,7 @@ def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path, shared_data):
                    verifier_tokenizer=paths["tokenizer"], dtype="float32",
                    lora_rank=4, lora_alpha=8.0)
     c.data.update(instruct_json=str(tmp_path / "instruct.json"), coco_root=str(coco), num_prompts=100,
-                  max_prompt_len=224, calibration_images=4, chair_synonyms=str(shared_data / "chair" / "synonyms.txt"))
+                  max_prompt_len=224, calibration_images=4)  # CHAIR synonyms: the packaged table
     c.reward.baseline_path = str(tmp_path / "baseline.json")
     c.rollout.max_new_tokens = 6
     c.train.update(batch_size=4, num_iterations=1, checkpoint_every=1)

@@ -22,18 +22,18 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from fisao_jax import packaged  # noqa: E402
 from fisao_jax.rewards import entities  # noqa: E402
-
-DEFAULT_CATEGORIES = REPO_ROOT.parent / "shared" / "data" / "categories"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = entities.ExpansionOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coco", type=pathlib.Path, default=DEFAULT_CATEGORIES / "coco_categories.json",
-                   help="JSON list of COCO category names (default: %(default)s)")
-    p.add_argument("--lvis", type=pathlib.Path, default=DEFAULT_CATEGORIES / "lvis_v1_categories.json",
-                   help="JSON list of LVIS categories {id, name, synonyms, synset} (default: %(default)s)")
+    p.add_argument("--coco", type=pathlib.Path, default=packaged.path(packaged.COCO_CATEGORIES),
+                   help="JSON list of COCO category names (default: the packaged list, %(default)s)")
+    p.add_argument("--lvis", type=pathlib.Path, default=packaged.path(packaged.LVIS_CATEGORIES),
+                   help="JSON list of LVIS categories {id, name, synonyms, synset} (default: the packaged "
+                        "list, %(default)s)")
     p.add_argument("--out", type=pathlib.Path, required=True, help="output JSON file")
     p.add_argument("--preset", choices=("default", "paper"), default="default",
                    help="'paper': unfiltered WordNet expansion as in the paper; options below "

@@ -15,8 +15,9 @@ walk continues past it and the report counts it.
 
 Ground-truth objects follow the CHAIR rules (instance categories plus the node words of the
 reference captions) via `fisao_jax.eval.chair.ground_truth_from_coco`, or come from a
-precomputed `{image_id: [objects]}` JSON(.gz) such as
-`chair/coco2014_trainval_chair_gt_objects.json.gz`.
+precomputed `{image_id: [objects]}` JSON(.gz) such as the packaged COCO 2014 train+val file
+(`fisao_jax.packaged.path(fisao_jax.packaged.CHAIR_GT_COCO2014)`; `tools/build_chair_gt.py`
+builds one for other splits or COCO versions).
 
 `export_tfds_coco` turns the TensorFlow Datasets copy of COCO into this layout (original
 JPEG bytes, instance annotations; TFDS has no captions, so pair it with a precomputed

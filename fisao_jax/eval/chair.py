@@ -18,9 +18,9 @@ objects (COCO instance categories plus node words of the reference captions).
     Recall = 100 * sum_c |correct node words of c| / sum_c |ground-truth objects of c|
     Len    = mean number of tokens per caption after step 2 (OPERA's "Len")
 
-CLI:
-    python -m fisao_jax.eval.chair --captions caps.jsonl \
-        --gt_objects ../shared/data/chair/coco2014_trainval_chair_gt_objects.json.gz
+CLI (ground truth: the packaged COCO 2014 train+val objects unless --gt_objects or
+--coco_annotations is given; synonyms: the packaged table unless --synonyms is given):
+    python -m fisao_jax.eval.chair --captions caps.jsonl
 """
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from fisao_jax import packaged
 from fisao_jax.eval import records as rec
 from fisao_jax.eval.singularize import singularize
 from fisao_jax.eval.word_tokenize import word_tokenize
 
-# Hard-coded rules of the reference implementation (see chair/chair_rules.json).
+# Hard-coded rules of the reference implementation, as the code has them; the same rules as data in
+# fisao_jax/resources/chair/chair_rules.json (the tests check that they agree).
 COCO_DOUBLE_WORDS = (
     "motor bike", "motor cycle", "air plane", "traffic light", "street light",
     "traffic signal", "stop light", "fire hydrant", "stop sign", "parking meter",
@@ -124,10 +126,13 @@ def vocab_from_synonym_lines(
 
 
 def default_synonyms_path() -> pathlib.Path:
-    """chair/synonyms.txt of the shared data folder ($FISAO_SHARED_DATA or ../shared/data)."""
-    root = os.environ.get("FISAO_SHARED_DATA")
-    base = pathlib.Path(root) if root else pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
-    return base / "chair" / "synonyms.txt"
+    """The reference synonym table shipped with the package (fisao_jax/resources/chair/synonyms.txt)."""
+    return packaged.path(packaged.CHAIR_SYNONYMS)
+
+
+def default_gt_objects_path() -> pathlib.Path:
+    """Ground-truth objects of every COCO 2014 train+val image, shipped with the package."""
+    return packaged.path(packaged.CHAIR_GT_COCO2014)
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,8 +141,8 @@ def coco_vocab(synonyms_path: str | None = None) -> ChairVocab:
     path = pathlib.Path(synonyms_path) if synonyms_path else default_synonyms_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"CHAIR synonyms file {path} not found: pass --synonyms / synonyms_path or set "
-            "FISAO_SHARED_DATA to the folder holding chair/synonyms.txt"
+            f"CHAIR synonyms file {path} not found (pass an existing file as --synonyms / "
+            "synonyms_path, or leave it out for the packaged table)"
         )
     return coco_vocab_from_lines(path.read_text(encoding="utf-8").splitlines())
 
@@ -340,10 +345,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="CHAIR hallucination metrics (CHAIRs, CHAIRi, Recall in percent; Len in tokens).",
     )
     parser.add_argument("--captions", required=True, help="JSONL (or JSON array) of {image_id, caption}")
-    gt_group = parser.add_mutually_exclusive_group(required=True)
-    gt_group.add_argument("--gt_objects", help="JSON(.gz) {image_id: [objects]} of ground-truth objects")
+    gt_group = parser.add_mutually_exclusive_group()
+    gt_group.add_argument("--gt_objects",
+                          help="JSON(.gz) {image_id: [objects]} of ground-truth objects (default: the packaged "
+                               "objects of all COCO 2014 train+val images)")
     gt_group.add_argument("--coco_annotations", help="folder with COCO 2014 instances_*/captions_* JSON files")
-    parser.add_argument("--synonyms", help="synonyms.txt (default: shared data chair/synonyms.txt)")
+    parser.add_argument("--synonyms", help="synonyms.txt (default: the packaged reference table)")
     parser.add_argument("--custom_vocab", action="store_true",
                         help="treat --synonyms as a custom object world (singular forms and two-word "
                              "synonyms matched) instead of the reference COCO table")
@@ -360,10 +367,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             vocab = vocab_from_synonym_lines(pathlib.Path(args.synonyms).read_text(encoding="utf-8").splitlines())
         else:
             vocab = coco_vocab(args.synonyms)
-        if args.gt_objects:
-            gt = load_gt_objects(args.gt_objects)
-        else:
+        if args.coco_annotations:
             gt = ground_truth_from_coco_dir(args.coco_annotations, vocab)
+        else:
+            gt = load_gt_objects(args.gt_objects or default_gt_objects_path())
         records, problems = rec.read_records(args.captions, [args.image_id_key, args.caption_key])
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")

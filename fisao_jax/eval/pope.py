@@ -13,8 +13,12 @@ recall, F1 with "yes" as the positive class, and yes_ratio = fraction of answers
 as "yes". lmms-eval's own `pope_yes_ratio` is the fraction of *ground-truth* "yes" labels;
 it is reported as `lmms_eval_yes_ratio` for comparison with its tables.
 
+The official COCO question files ship with the package: `--questions random` (or
+`popular`, `adversarial`) reads fisao_jax/resources/pope/pope_coco_random.json.
+
 CLI:
-    python -m fisao_jax.eval.pope --questions pope_coco_random.json --answers ans.jsonl
+    python -m fisao_jax.eval.pope --questions random --answers ans.jsonl
+    python -m fisao_jax.eval.pope --questions my_pope_questions.json --answers ans.jsonl
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import pathlib
 import sys
 from typing import Iterable, Literal, Mapping, Sequence
 
+from fisao_jax import packaged
 from fisao_jax.eval import records as rec
 
 Parser = Literal["official", "lmms"]
@@ -133,6 +138,12 @@ def split_name(path: str) -> str:
     return last if last in SPLIT_NAMES else stem
 
 
+def questions_path(name: str) -> str:
+    """The packaged COCO question file for a split name ('random', 'popular', 'adversarial'),
+    else `name` itself (a path; write `./random` for a file that is called like a split)."""
+    return str(packaged.path(packaged.pope_coco(name))) if name in packaged.POPE_SPLITS else name
+
+
 def load_questions(path: str) -> tuple[list[dict], list[rec.Problem]]:
     """Question records of an official POPE file; bad labels are skipped as problems."""
     records, problems = rec.read_records(path, ["question_id", "label"])
@@ -177,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="POPE accuracy/precision/recall/F1/yes-ratio per split (fractions).",
     )
     parser.add_argument("--questions", nargs="+", required=True,
-                        help="official POPE question files (JSONL: question_id, image, text, label)")
+                        help="POPE question files (JSONL: question_id, image, text, label), or the split "
+                             "names random / popular / adversarial for the packaged official COCO files")
     parser.add_argument("--answers", nargs="+", required=True,
                         help="answer JSONL files (question_id, answer), one per questions file, same order")
     parser.add_argument("--parser", choices=("official", "lmms"), default="official",
@@ -190,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     output: dict = {"parser": args.parser, "splits": {}}
     problems: list[rec.Problem] = []
     try:
-        for q_path, a_path in zip(args.questions, args.answers):
+        for q_name, a_path in zip(args.questions, args.answers):
+            q_path = questions_path(q_name)
             questions, q_problems = load_questions(q_path)
             answers, a_problems = load_answers(a_path, {q["question_id"] for q in questions})
             problems += q_problems + a_problems
