@@ -36,7 +36,7 @@ def get_config(variant: str = ""):
     c.model.policy = "checkpoints/llava-1.5-7b"          # tools/convert_hf.py output (or the HF folder)
     c.model.verifier = "checkpoints/clip-vit-large-patch14-336"
     c.model.dtype = "bfloat16"
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}        # FSDP over all devices
+    c.mesh.update(data=1, fsdp=-1, tensor=1)             # FSDP over all devices
     c.rollout.max_new_tokens = 256
     c.train.batch_size = 64                              # 16-row minibatches split over 8 chips
     c.ppo.num_minibatches = 4

@@ -42,7 +42,6 @@ def get_config(variant: str = ""):
     c.model.remat = False
     c.model.lora_rank = 16
     c.model.lora_alpha = 32.0
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
 
     c.rollout.max_new_tokens = 48
     c.calibration.batch_size = 64

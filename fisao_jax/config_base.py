@@ -27,7 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora_dropout = 0.0    # must be 0 for FiSAO (PPO compares the same function before/after) an update
     c.model.remat = True          # recompute decoder layers in the PPO backward pass
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Axis sizes (one may be -1: the remaining devices); "devices": N uses only the first N
+    # devices (0 = all of them).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "devices": 0})
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.max_new_tokens = 256

@@ -36,7 +36,8 @@ def model_config(config) -> C.LlavaConfig:
 
 
 def mesh_shape(config, num_devices: int) -> dict[str, int]:
-    axes = {k: int(v) for k, v in dict(config.mesh).items()}
+    axes = {k: int(v) for k, v in dict(config.mesh).items() if k != "devices"}
+    num_devices = int(dict(config.mesh).get("devices", 0) or num_devices)
     known = math.prod(v for v in axes.values() if v != -1)
     return {k: (num_devices // known if v == -1 else v) for k, v in axes.items()}
 

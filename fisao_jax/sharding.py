@@ -93,9 +93,16 @@ def rules_for(model_cfg: Any) -> tuple[tuple[str, P], ...]:
 def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A mesh over `devices` (default: all) with named axes, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.
 
-    One axis may be -1 (takes the remaining devices). Axes are Auto-typed so jit propagates
-    shardings from the inputs."""
+    One axis may be -1 (takes the remaining devices). An optional 'devices' entry (0 = all)
+    uses only the first that many devices (tests on a few of a host's fake devices). Axes are
+    Auto-typed so jit propagates shardings from the inputs."""
+    axes = dict(axes)
     devices = list(jax.devices() if devices is None else devices)
+    count = int(axes.pop("devices", 0) or 0)
+    if count:
+        if count > len(devices):
+            raise ValueError(f"mesh asks for {count} devices, have {len(devices)}")
+        devices = devices[:count]
     names = [a for a in AXES if a in axes] + [a for a in axes if a not in AXES]
     sizes = [int(axes[a]) for a in names]
     if sizes.count(-1) > 1:

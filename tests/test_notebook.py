@@ -185,8 +185,8 @@ def _tiny_inputs(tmp) -> dict:
     (tmp / "coco_pope_random.json").write_text("".join(json.dumps(q) + "\n" for q in pope))
     return {
         "TINY": True, "REPO_DIR": str(ROOT), "WORK": str(tmp / "work"),
-        "POLICY_DIR": paths["policy"], "CLIP_DIR": paths["clip"], "TOKENIZER_DIR": paths["tokenizer"],
-        "CLIP_TOKENIZER_DIR": paths["tokenizer"], "COCO_ROOT": str(coco), "INSTRUCT_JSON": str(tmp / "instruct.json"),
+        "POLICY_DIR": paths["policy"], "VERIFIER_DIR": paths["verifier"], "TOKENIZER_DIR": paths["tokenizer"],
+        "VERIFIER_TOKENIZER_DIR": paths["tokenizer"], "COCO_ROOT": str(coco), "INSTRUCT_JSON": str(tmp / "instruct.json"),
         "POPE_FILES": [str(tmp / "coco_pope_random.json")],
         "CHAIR_SYNONYMS": "",  # the packaged table
         "BASELINE_PATH": str(tmp / "baseline.json"), "EXPORT_DTYPE": "float32", "RUN_NAME": "tiny",
@@ -196,8 +196,12 @@ def _tiny_inputs(tmp) -> dict:
             "calibration.batch_size": 4, "rollout.max_new_tokens": 6, "train.batch_size": 4,
             "train.num_iterations": 1, "train.checkpoint_every": 1, "eval.num_images": 4, "eval.batch_size": 4,
             "eval.max_new_tokens": 6, "ppo.lr": 2e-3, "ppo.num_minibatches": 1,
-            # data parallel over the 8 fake CPU devices: FSDP there only slows the run down
-            "mesh.data": -1, "mesh.fsdp": 1},
+            # data parallel over 4 of the 8 fake CPU devices (batches of 4 rows); FSDP there
+            # only slows the run down
+            "mesh.data": -1, "mesh.fsdp": 1, "mesh.devices": 4,
+            # random tiny models rarely spell an entity word: the sentence-level reward gives the
+            # one PPO iteration a signal, so that the trained adapter differs from the base
+            "reward.kind": "sentence"},
     }
 
 
@@ -242,15 +246,15 @@ def test_notebook_runs_end_to_end_in_tiny_mode(tmp_path, monkeypatch):
     assert summary["iterations"] == 1 and summary["baseline"]["s_c"] == 1.0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
-    # base weights + the trainer's adapter write the trainer's final greedy captions, which differ
-    # from the untrained policy's (so the comparison tells trained from base weights)
-    before = {e["image_id"]: e["text"] for e in json.loads((run / "eval_before.json").read_text())["examples"]}
+    # base weights + the trainer's adapter write the trainer's final greedy captions (that the
+    # adapter moved the weights is checked below: a random tiny model's decoded text often does
+    # not change, different byte tokens all decoding to U+FFFD)
     after_eval = json.loads((run / "eval_after_1.json").read_text())
     after = {e["image_id"]: e["text"] for e in after_eval["examples"]}
     lines = (run / "chair_captions.jsonl").read_text().splitlines()
     captions = {c["image_id"]: c["caption"] for c in map(json.loads, lines)}
     assert sorted(captions) == VAL_IDS
-    assert captions == after and after != before
+    assert captions == after
 
     # CHAIR ground truth by hand: instance categories (person / dog alternating) + caption objects
     gt = json.loads((run / "chair_gt_objects.json").read_text())

@@ -65,9 +65,19 @@ class Steps:
     update: Callable  # (state, frozen, ppo_batch, key) -> (state, metrics)
 
 
+def check_batch_shapes(config, batch_shards: int) -> None:
+    """ConfigError unless every PPO minibatch splits evenly over the mesh's batch shards."""
+    rows = config.train.batch_size // config.ppo.num_minibatches
+    if rows % batch_shards:
+        raise ConfigError(f"config keys 'train.batch_size' / 'ppo.num_minibatches' = {rows}-row minibatches do not "
+                          f"split over the mesh's {batch_shards} batch shards (mesh axes data x fsdp); choose a "
+                          f"batch size that is a multiple of {batch_shards * config.ppo.num_minibatches}")
+
+
 def make_steps(setup: Setup, config, state_shardings: Any, frozen_shardings: Any) -> Steps:
     """The scoring step and the PPO update, compiled with the run's shardings."""
     p, layout = config.ppo, setup.layout
+    check_batch_shapes(config, layout.batch_shards)
     optimizer = make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
     score = make_score_fn(setup.module, setup.verifier, setup.score_settings)
     update = ppo.make_ppo_update(make_policy_fn(setup.module, setup.score_settings.temperature), optimizer,

@@ -190,9 +190,11 @@ class Verified(NamedTuple):
 
 class Verifier:
     """The verifier of a run (see the module docstring): `module` has `encode_image` and
-    `encode_text`; `eos_token_id` is the policy's (to tell finished responses from cut ones)."""
+    `encode_text`; `eos_token_id` is the policy's, to tell finished responses from ones cut by
+    the token budget (None: every response counts as finished)."""
 
-    def __init__(self, module: Any, tokenizer, template: str, eos_token_id: int, max_span_len: Optional[int] = None):
+    def __init__(self, module: Any, tokenizer, template: str = DEFAULT_TEMPLATE, eos_token_id: Optional[int] = None,
+                 max_span_len: Optional[int] = None):
         self.module, self.tokenizer, self.template = module, tokenizer, template
         self.eos_token_id, self.max_span_len = eos_token_id, max_span_len
         self.verify_jit = jax.jit(self.verify)
@@ -207,7 +209,9 @@ class Verifier:
         """Spans of entity words in the responses `tokens`, `mask` [B, N] and their scores
         against the images `pixel_values` [B, 3, H, W] (or their precomputed `image_emb`)."""
         spans = find_entity_span_bounds(tokens, mask, state.span_table, max_span_len=self.max_span_len)
-        ids = cut_spans(spans.entity_id, tokens, mask, self.eos_token_id)
+        ids = spans.entity_id
+        if self.eos_token_id is not None:
+            ids = cut_spans(ids, tokens, mask, self.eos_token_id)
         if image_emb is None:
             image_emb = self.image_embeddings(state.params, pixel_values)
         scores = span_scores(image_emb, state.text_table, ids)
