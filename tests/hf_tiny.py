@@ -96,14 +96,17 @@ def _perturb(model, scale: float = 0.1):
 
 
 def blip_vision_config(odd: bool = False, layers: int = 2) -> dict:
+    # transformers initialises the vision weights with std initializer_range, 1e-10 by default:
+    # the image would not matter
     if odd:  # 3 heads of 8, 42 px = 3x3 patches
         return dict(hidden_size=24, intermediate_size=40, num_hidden_layers=layers, num_attention_heads=3,
-                    image_size=42, patch_size=14)
+                    image_size=42, patch_size=14, initializer_range=0.05)
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                image_size=28, patch_size=14)
+                image_size=28, patch_size=14, initializer_range=0.05)
 
 
 def qformer_config(odd: bool = False, layers: int = 2, cross_attention_frequency: int = 2, **kw) -> dict:
+    kw.setdefault("initializer_range", 0.1)  # larger than BERT's 0.02 so that the image counts
     if odd:  # 4 heads of 5
         return dict(vocab_size=QFORMER_VOCAB, hidden_size=20, num_hidden_layers=layers, num_attention_heads=4,
                     intermediate_size=36, max_position_embeddings=24,
