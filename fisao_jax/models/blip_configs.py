@@ -184,7 +184,7 @@ def _vicuna(hidden: int, intermediate: int, layers: int, heads: int) -> LlamaCon
     # expand image tokens.
     return LlamaConfig(vocab_size=32002, hidden_size=hidden, intermediate_size=intermediate,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=2048, rms_norm_eps=1e-6)
+                       head_dim=hidden // heads, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
 
 def instructblip_vicuna_7b(lora: LoRAConfig = LoRAConfig()) -> InstructBlipConfig:
