@@ -1,10 +1,12 @@
-"""Convert a Hugging Face LLaVA or CLIP checkpoint into a fisao_jax checkpoint.
+"""Convert a Hugging Face LLaVA, CLIP, InstructBLIP or BLIP-2 retrieval checkpoint into a
+fisao_jax checkpoint.
 
     python tools/convert_hf.py --src HF_DIR --dst OUT_DIR [--dtype float32|bfloat16] [--overwrite]
 
-Detects the model from `config.json` (model_type 'llava' or 'clip'), reads (sharded)
-safetensors without torch, accepts both `vision_tower.` and `vision_tower.vision_model.` key
-layouts, and writes `OUT_DIR/params` (orbax) plus `OUT_DIR/fisao_config.json`. Tokenizer and
+Detects the model from `config.json` (model_type 'llava', 'clip', 'instructblip', or 'blip-2'
+with architecture Blip2ForImageTextRetrieval), reads (sharded) safetensors without torch,
+accepts both `vision_tower.` and `vision_tower.vision_model.` LLaVA key layouts, and writes
+`OUT_DIR/params` (orbax) plus `OUT_DIR/fisao_config.json`. Tokenizer and
 processor files are copied along. Missing, unexpected or mis-shaped tensors: one error that
 lists every offending key, and nothing is written.
 """

@@ -1,7 +1,8 @@
-"""LLaVA-1.5 / CLIP image preprocessing with numpy and PIL only.
+"""LLaVA-1.5 / CLIP / BLIP image preprocessing with numpy and PIL only.
 
 The result equals transformers' PIL-backend image processors (`LlavaImageProcessorPil`,
-`CLIPImageProcessorPil`; the only backend when torchvision is absent) bit for bit on the
+`CLIPImageProcessorPil`, `BlipImageProcessorPil`; the only backend when torchvision is
+absent) bit for bit on the
 same input: same PIL resampling calls, same uint8 intermediate, same float64 rescale and
 float32 normalise. Steps, each switchable by config:
 
@@ -9,6 +10,8 @@ float32 normalise. Steps, each switchable by config:
   -> centre crop (zero pad if too small) -> rescale (x / 255) -> normalise ((x - mean) / std)
 
 Output per image: float32 `[3, crop_h, crop_w]` (channels first, like HF `pixel_values`).
+BLIP's processors (InstructBLIP, BLIP-2) resize to an exact (height, width) and neither pad
+nor crop: `ImageConfig(size=(h, w), pad_to_square=False, do_center_crop=False)`.
 
 Two choices where "what transformers does" depends on how the image reaches it:
 
@@ -59,7 +62,12 @@ _SUPPORTED_HF_TYPES = (
     "LlavaImageProcessor",
     "LlavaImageProcessorPil",
     "LlavaImageProcessorFast",
+    "BlipImageProcessor",
+    "BlipImageProcessorPil",
+    "BlipImageProcessorFast",
 )
+# Those without a centre crop (a `crop_size` in their file is ignored by transformers).
+_NO_CROP_HF_TYPES = ("BlipImageProcessor", "BlipImageProcessorPil", "BlipImageProcessorFast")
 
 ImageInput = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
 
@@ -122,10 +130,14 @@ class ImageConfig:
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """Shape of one preprocessed image, `(3, height, width)` (needs do_center_crop)."""
-        if not self.do_center_crop:
-            raise ValueError("output shape depends on the input image when do_center_crop=False")
-        return (3, self.crop[0], self.crop[1])
+        """Shape of one preprocessed image, `(3, height, width)` (needs do_center_crop, or a
+        resize to an exact (height, width))."""
+        if self.do_center_crop:
+            return (3, self.crop[0], self.crop[1])
+        if self.do_resize and isinstance(self.size, tuple):
+            return (3, self.size[0], self.size[1])
+        raise ValueError("output shape depends on the input image when do_center_crop=False and the resize "
+                         "keeps the aspect ratio")
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -192,6 +204,10 @@ class ImageConfig:
                 if hf_key in raw:
                     kwargs[name] = raw[hf_key]
             kwargs["pad_to_square"] = bool(raw.get("do_pad", False))
+            if kind in _NO_CROP_HF_TYPES:
+                kwargs["do_center_crop"] = False
+                kwargs.setdefault("size", (384, 384))  # BlipImageProcessor's default
+                raw = {k: v for k, v in raw.items() if k != "do_center_crop"}
             for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
                 if flag in raw:
                     kwargs[flag] = bool(raw[flag])
@@ -390,15 +406,17 @@ def preprocess_image(image: ImageInput, config: ImageConfig = ImageConfig(),
 
 def preprocess_batch(images: Sequence[ImageInput], config: ImageConfig = ImageConfig(),
                      num_workers: int = 0) -> np.ndarray:
-    """Images -> float32 `[batch, 3, crop_h, crop_w]`.
+    """Images -> float32 `[batch, 3, height, width]` (`config.output_shape`).
 
     num_workers > 0 decodes/resizes in that many threads (PIL releases the GIL); results
     keep input order.
     """
-    if not config.do_center_crop:
-        raise ValueError("preprocess_batch needs do_center_crop=True so all images share one shape")
+    try:
+        shape = config.output_shape
+    except ValueError as e:
+        raise ValueError(f"preprocess_batch needs images of one shape: {e}") from None
     table = normalization_table(config)
-    out = np.empty((len(images),) + config.output_shape, dtype=np.float32)
+    out = np.empty((len(images),) + shape, dtype=np.float32)
 
     def work(i: int) -> None:
         out[i] = preprocess_image(images[i], config, table)

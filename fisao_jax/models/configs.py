@@ -230,6 +230,14 @@ _CLASSES = {c.__name__: c for c in (CLIPVisionConfig, CLIPTextConfig, CLIPConfig
                                     LlamaConfig, LlavaConfig)}
 
 
+def _registry() -> dict:
+    """Every config class `from_dict` can build (the BLIP family lives in blip_configs, which
+    imports this module, hence the late import)."""
+    from fisao_jax.models.blip_configs import CLASSES as BLIP_CLASSES
+
+    return {**_CLASSES, **BLIP_CLASSES}
+
+
 def to_dict(cfg: Any) -> dict:
     """Nested dict with a `__class__` tag per dataclass, for JSON."""
     out = {"__class__": type(cfg).__name__}
@@ -243,9 +251,10 @@ def from_dict(d: dict) -> Any:
     """Inverse of `to_dict`."""
     d = dict(d)
     cls_name = d.pop("__class__", None)
-    if cls_name not in _CLASSES:
+    classes = _registry()
+    if cls_name not in classes:
         raise ValueError(f"unknown config class {cls_name!r}")
-    cls = _CLASSES[cls_name]
+    cls = classes[cls_name]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:

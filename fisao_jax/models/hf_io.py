@@ -11,6 +11,10 @@ import this module: loading depends on the models, not the other way round.
 Key layouts accepted for LLaVA: `language_model.model.*` / `model.language_model.*`,
 `language_model.lm_head.*` / `lm_head.*`, `vision_tower.*` / `vision_tower.vision_model.*` /
 `model.vision_tower.*`, `multi_modal_projector.*` / `model.multi_modal_projector.*`.
+InstructBLIP and BLIP-2 (`Blip2ForImageTextRetrieval`) have one layout, the same in
+transformers 4 and 5 and on the hub: `vision_model.*`, `query_tokens`, `qformer.*`,
+`language_projection.*`, `language_model.model.*`, `language_model.lm_head.*` (InstructBLIP);
+`embeddings.*`, `vision_projection.*`, `text_projection.*`, `itm_head.*` (BLIP-2).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -28,8 +33,11 @@ import numpy as np
 
 from flax import traverse_util
 
+from fisao_jax.models import blip_configs as B
 from fisao_jax.models import configs as C
+from fisao_jax.models.blip2 import Blip2RetrievalModel
 from fisao_jax.models.clip import CLIPModel
+from fisao_jax.models.instructblip import InstructBlipModel
 from fisao_jax.models.llava import LlavaModel
 from fisao_jax.models.lora import init_lora
 from fisao_jax.models.safetensors_io import iter_tensors
@@ -49,8 +57,17 @@ _LLAVA_PREFIXES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
-# Our top-level names -> canonical HF prefixes.
+# Our top-level names -> canonical HF prefixes (LLaVA and InstructBLIP).
 _LLAVA_TOP = {"language_model": "language_model.model", "lm_head": "language_model.lm_head"}
+# Flax list-of-layers names -> transformers' ModuleList indices (LLaMA/CLIP/ViT `layers_N`,
+# the Q-Former's BERT `layer_N`).
+_LAYER_INDEX = re.compile(r"^(layers?)_(\d+)$")
+
+# kind -> our config class. Policies (LoRA, value head) are the kinds in _POLICY_KINDS.
+_KINDS = {"llava": C.LlavaConfig, "clip": C.CLIPConfig, "instructblip": B.InstructBlipConfig,
+          "blip2_itm": B.Blip2RetrievalConfig}
+_POLICY_KINDS = ("llava", "instructblip")
+_BLIP2_ARCH = "Blip2ForImageTextRetrieval"
 
 
 class ConversionError(ValueError):
@@ -58,22 +75,39 @@ class ConversionError(ValueError):
 
 
 def model_kind(hf_config: dict, source: str = "config.json") -> str:
-    """'llava' or 'clip' from a config.json dict; error naming the file otherwise."""
+    """'llava', 'clip', 'instructblip' or 'blip2_itm' from a config.json dict; error naming the
+    file otherwise (BLIP-2: only the image-text retrieval architecture)."""
     mt = hf_config.get("model_type")
-    if mt == "llava":
-        return "llava"
-    if mt == "clip":
-        return "clip"
-    raise ConversionError(f"{source}: unsupported model_type {mt!r} (expected 'llava' or 'clip')")
+    if mt in ("llava", "clip", "instructblip"):
+        return mt
+    if mt == "blip-2":
+        archs = hf_config.get("architectures") or []
+        if _BLIP2_ARCH in archs:
+            return "blip2_itm"
+        raise ConversionError(f"{source}: BLIP-2 architecture {archs or 'unspecified'} is not supported "
+                              f"(only {_BLIP2_ARCH}, e.g. Salesforce/blip2-itm-vit-g)")
+    raise ConversionError(f"{source}: unsupported model_type {mt!r} "
+                          f"(expected 'llava', 'clip', 'instructblip' or 'blip-2')")
+
+
+def config_kind(cfg: Any) -> str:
+    """The model kind of one of our configs."""
+    for kind, cls in _KINDS.items():
+        if isinstance(cfg, cls):
+            return kind
+    raise TypeError(f"no model kind for config type {type(cfg).__name__}")
 
 
 def build_module(cfg: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False):
     """The Flax module for a config."""
-    if isinstance(cfg, C.LlavaConfig):
+    kind = config_kind(cfg)
+    if kind == "llava":
         return LlavaModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    if isinstance(cfg, C.CLIPConfig):
+    if kind == "instructblip":
+        return InstructBlipModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    if kind == "clip":
         return CLIPModel(cfg, dtype=dtype, param_dtype=param_dtype)
-    raise TypeError(f"no module for config type {type(cfg).__name__}")
+    return Blip2RetrievalModel(cfg, dtype=dtype, param_dtype=param_dtype)
 
 
 def _init_fn(module) -> Any:
@@ -81,10 +115,18 @@ def _init_fn(module) -> Any:
     cfg = module.cfg
     v = cfg.vision
     pixels = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)
-    if isinstance(cfg, C.LlavaConfig):
+    kind = config_kind(cfg)
+    text = jnp.zeros((1, 2), jnp.int32)
+    if kind in _POLICY_KINDS:  # one image's tokens, then one text token
         ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32).at[0, -1].set(0)
+    if kind == "llava":
         return lambda key: module.init(key, ids, pixel_values=pixels, method=module.init_all)
-    return lambda key: module.init(key, jnp.zeros((1, 2), jnp.int32), pixels)
+    if kind == "instructblip":
+        return lambda key: module.init(key, ids, pixel_values=pixels, qformer_input_ids=text,
+                                       qformer_attention_mask=jnp.ones_like(text), method=module.init_all)
+    if kind == "blip2_itm":
+        return lambda key: module.init(key, pixels, text, method=module.init_all)
+    return lambda key: module.init(key, text, pixels)
 
 
 def init_params(cfg: Any, key: jax.Array, param_dtype: Any = jnp.float32) -> Any:
@@ -110,10 +152,10 @@ def unflatten(flat: dict) -> dict:
 def hf_key(path: tuple, kind: str) -> tuple[str, str]:
     """(HF key, transform) for one of our parameter paths. transform: 'linear'|'conv'|'none'."""
     parts = list(path)
-    if kind == "llava" and parts[0] in _LLAVA_TOP:
+    if kind in _POLICY_KINDS and parts[0] in _LLAVA_TOP:
         parts = _LLAVA_TOP[parts[0]].split(".") + parts[1:]
     leaf = parts[-1]
-    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in parts[:-1]]
+    parts = [_LAYER_INDEX.sub(r"\1.\2", p) for p in parts[:-1]]
     if leaf == "kernel":
         return ".".join(parts + ["weight"]), "kernel"
     if leaf in ("scale", "embedding"):
@@ -142,12 +184,11 @@ def hf_to_params(folder: pathlib.Path, cfg: Any, param_dtype: Any = jnp.float32)
     """Read safetensors from `folder` into our (base, LoRA-free) parameter tree.
 
     Raises ConversionError listing every missing, unexpected or mis-shaped tensor."""
-    kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
-    base_cfg = cfg if kind == "clip" else _without_lora(cfg)
-    expected = flatten(abstract_params(base_cfg, param_dtype))
+    kind = config_kind(cfg)
+    expected = flatten(abstract_params(_without_lora(cfg), param_dtype))
     wanted = {}
     for path, sds in expected.items():
-        if kind == "llava" and path[0] == "value_head":
+        if kind in _POLICY_KINDS and path[0] == "value_head":
             continue  # ours, not in HF checkpoints
         key, transform = hf_key(path, kind)
         wanted[key] = (path, transform, sds)
@@ -183,15 +224,22 @@ def hf_to_params(folder: pathlib.Path, cfg: Any, param_dtype: Any = jnp.float32)
     if problems:
         raise ConversionError(f"checkpoint {folder} does not fit the {kind} model:\n" + "\n".join(problems))
     flat = {path: jnp.asarray(np.asarray(val), dtype=param_dtype) for path, val in found.values()}
-    if kind == "llava":
+    if kind in _POLICY_KINDS:
         for path, sds in expected.items():
             if path[0] == "value_head":
                 flat[path] = jnp.zeros(sds.shape, sds.dtype)
     return unflatten(flat)
 
 
-def _without_lora(cfg: C.LlavaConfig) -> C.LlavaConfig:
-    return dataclasses.replace(cfg, lora=C.LoRAConfig())
+def _without_lora(cfg: Any) -> Any:
+    """The config of the base (adapter-free) model; configs without LoRA unchanged."""
+    return dataclasses.replace(cfg, lora=C.LoRAConfig()) if hasattr(cfg, "lora") else cfg
+
+
+def _config_from_hf(kind: str, hf_cfg: Any) -> Any:
+    parse = {"llava": C.llava_from_hf, "clip": C.clip_from_hf, "instructblip": B.instructblip_from_hf,
+             "blip2_itm": B.blip2_retrieval_from_hf}[kind]
+    return parse(hf_cfg)
 
 
 def read_hf_config(folder: pathlib.Path) -> tuple[str, Any]:
@@ -208,12 +256,16 @@ def read_hf_config(folder: pathlib.Path) -> tuple[str, Any]:
     import transformers
 
     hf_cfg = transformers.AutoConfig.from_pretrained(str(folder))
-    return kind, (C.llava_from_hf(hf_cfg) if kind == "llava" else C.clip_from_hf(hf_cfg))
+    try:
+        return kind, _config_from_hf(kind, hf_cfg)
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from e
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
             overwrite: bool = False) -> str:
-    """Convert a HF LLaVA or CLIP folder into `dst` (orbax params + fisao_config.json).
+    """Convert a HF LLaVA, CLIP, InstructBLIP or BLIP-2 retrieval folder into `dst` (orbax
+    params + fisao_config.json).
 
     Output appears atomically: everything is written to a temporary sibling folder that is
     renamed to `dst` only after success. Returns the model kind."""
@@ -269,10 +321,10 @@ def from_hf(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_
             lora: Optional[C.LoRAConfig] = None, lora_key: Optional[jax.Array] = None, remat: bool = False):
     """(module, params) from a Hugging Face folder or a folder written by tools/convert_hf.py.
 
-    `expect` ('llava' | 'clip') makes any other architecture an error. `dtype` is the compute
-    dtype, `param_dtype` (default: `dtype`) the frozen weights'. `lora` (a `LoRAConfig`) adds
-    fresh float32 adapters (B = 0) initialised from `lora_key`; the value head starts at zero
-    (float32)."""
+    `expect` ('llava' | 'clip' | 'instructblip' | 'blip2_itm') makes any other architecture an
+    error. `dtype` is the compute dtype, `param_dtype` (default: `dtype`) the frozen weights'.
+    `lora` (a `LoRAConfig`, policies only) adds fresh float32 adapters (B = 0) initialised from
+    `lora_key`; a policy's value head starts at zero (float32)."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -282,14 +334,14 @@ def from_hf(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_
         kind, cfg = meta["kind"], C.from_dict(meta["config"])
         if expect is not None and kind != expect:
             raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
-        abstract = abstract_params(cfg if kind == "clip" else _without_lora(cfg), param_dtype)
+        abstract = abstract_params(_without_lora(cfg), param_dtype)
         params = restore_params(folder / PARAMS_DIR, abstract)
     else:
         kind, cfg = read_hf_config(folder)
         if expect is not None and kind != expect:
             raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
         params = hf_to_params(folder, cfg, param_dtype)
-    if kind == "llava" and lora is not None and lora.rank > 0:
+    if kind in _POLICY_KINDS and lora is not None and lora.rank > 0:
         cfg = dataclasses.replace(cfg, lora=lora)
         # adapters are trained: keep them in float32 whatever the base weights' dtype
         params = init_lora(params, lora.rank, lora_key if lora_key is not None else jax.random.PRNGKey(0),
