@@ -76,14 +76,20 @@ def _agreement(ours: np.ndarray, ref: np.ndarray, image_token: int) -> str:
     return text
 
 
+def _rollout_args(j_args) -> tuple:
+    """(batch dict, key) of the rollout from (ids, mask, pixels, key)."""
+    ids, mask, pixels, key = j_args
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, key
+
+
 def _compile_rollout(module, params, j_args, new: int, eos: int, decode_chunk: int):
     from fisao_jax.rollout import SamplingConfig, make_rollout, validate_inputs
 
     cfg = SamplingConfig(max_new_tokens=new, greedy=True, eos_token_id=eos, pad_token_id=0, decode_chunk=decode_chunk)
     roll = make_rollout(module, cfg)
-    validate_inputs(module, *j_args[:3], cfg)  # what `roll` checks on the host before its jitted call
+    validate_inputs(module, _rollout_args(j_args)[0], cfg)  # what `roll` checks on the host before its jitted call
     t0 = time.perf_counter()
-    compiled = roll.jitted.lower(params, *j_args).compile()
+    compiled = roll.jitted.lower(params, *_rollout_args(j_args)).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -129,7 +135,8 @@ def profile_steps(module, params, j_args, new: int, repeats: int, decode_chunk: 
     @jax.jit
     def prefill(p, ids, mask, pixels):
         cache = init_cache(module.cfg.text, b, slots, module.dtype)
-        return module.apply({"params": p}, ids, pixels, mask, default_position_ids(mask), cache, key_mask,
+        feats = module.apply({"params": p}, pixels, method=LlavaModel.image_features)
+        return module.apply({"params": p}, ids, feats, mask, default_position_ids(mask), cache, key_mask,
                             logits_from=t - 1, method=LlavaModel.forward)  # LM head at the last position, as the rollout
 
     out = prefill(params, ids, mask, pixels)
@@ -155,7 +162,7 @@ def step_breakdown(compiled, params, j_args, new: int) -> dict[str, float]:
     """ms per decode step by category (STEP_CATEGORIES) from one traced rollout call."""
     out = {name: 0.0 for name, _ in STEP_CATEGORIES}
     # operations that ran more than once belong to the decode loops (the prefill runs once)
-    for label, _, ms in op_profile.per_op(compiled, (params, *j_args), per=new - 1, min_count=2):
+    for label, _, ms in op_profile.per_op(compiled, (params, *_rollout_args(j_args)), per=new - 1, min_count=2):
         out[next(name for name, test in STEP_CATEGORIES if test(label))] += ms
     return out
 
@@ -187,7 +194,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
         eos = 2
         for _ in range(3):
             compiled, compile_s = _compile_rollout(module, params, j_args, new, eos, decode_chunk)
-            ours = np.asarray(compiled(params, *j_args).tokens)
+            ours = np.asarray(compiled(params, *_rollout_args(j_args)).tokens)
             t_args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                           pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)
@@ -201,7 +208,7 @@ def bench_size(size: str, batches: list[int], news: list[int], repeats: int, att
         else:
             raise RuntimeError(f"{size} batch {batch} new {new}: could not find an EOS id that no side generates")
         agree = {a: _agreement(ours, r, s["image_token_index"]) for a, r in refs.items()}
-        fns = {"ours": lambda: compiled(params, *j_args).tokens.block_until_ready()}
+        fns = {"ours": lambda: compiled(params, *_rollout_args(j_args)).tokens.block_until_ready()}
         fns.update({a: (lambda m=m: m.generate(**t_args)) for a, m in hf.items()})
         with torch.no_grad():
             runs = common.time_interleaved(fns, repeats)

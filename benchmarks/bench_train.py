@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ def random_world(config, root: pathlib.Path) -> dict:
     """Tokenizer + random CLIP and LLaVA at the world's configured sizes (converted format)."""
     from fisao_jax.data import synthetic
     from fisao_jax.data.tokenizer import train_tokenizer
-    from fisao_jax.models import configs as C
+    from fisao_jax.models import config_io, configs as C
     from fisao_jax.models.hf_io import init_params, save_params
     from fisao_jax.world import configs as wc
     from fisao_jax.world.pretrain_clip import clip_model_config
@@ -55,7 +54,7 @@ def random_world(config, root: pathlib.Path) -> dict:
         save_params(folder / "params", params)
         kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
         (folder / "fisao_config.json").write_text(json.dumps({"kind": kind, "dtype": "float32",
-                                                              "config": C.to_dict(cfg)}))
+                                                              "config": config_io.to_dict(cfg)}))
         out[name] = str(folder)
     return out
 
@@ -65,45 +64,42 @@ def main(argv=None) -> None:
     ap.add_argument("--iterations", type=int, default=5, help="timed iterations after the warm-up one")
     args = ap.parse_args(argv)
 
-    from fisao_jax import ppo
+    from fisao_jax.methods import fisao
     from fisao_jax.params import merge_params
-    from fisao_jax.scoring import make_policy_fn, make_score_fn
-    from fisao_jax.train import replicate_unsharded, build_setup
+    from fisao_jax.rewards.reward import RewardParams
+    from fisao_jax.run.setup import build_setup
+    from fisao_jax.update import make_optimizer
 
     config = tiny_config()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
     paths = random_world(config, tmp)
-    config.model.policy, config.model.clip, config.model.tokenizer = paths["policy"], paths["clip"], paths["tokenizer"]
+    config.model.policy, config.model.verifier, config.model.tokenizer = paths["policy"], paths["clip"], paths["tokenizer"]
+    config.reward.verifier_is_policy_encoder = False  # two random models
     setup = build_setup(config, tmp / "run")
-    baseline = {"s_c": 1.0, "s_h": -1.0, "s_min": -5.0, "s_max": 5.0}
+    rp = RewardParams.create(config.reward.margin, 1.0, -1.0, -5.0, 5.0)
     p = config.ppo
-    optimizer = ppo.make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
-    update = jax.jit(ppo.make_ppo_update(make_policy_fn(setup.module), optimizer, ppo_epochs=p.ppo_epochs,
-                                         num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
-                                         clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef))
-    score = make_score_fn(setup.module, setup.clip_module, setup.settings)
-    state = replicate_unsharded(ppo.init_ppo_state(setup.params, optimizer), setup.mesh)
+    optimizer = make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
+    state, frozen = fisao.initial_state(setup, config, optimizer)
+    steps = fisao.make_steps(setup, config, setup.layout.of(state), setup.layout.of(frozen))
 
     rows, flops = [], None
     for it in range(args.iterations + 1):
         batch, _ = setup.task.train_batch(it * config.train.batch_size, config.train.batch_size)
-        b = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
-        params = merge_params(state.trainable, state.frozen)
+        b = setup.put_batch(batch)
+        params = merge_params(state.trainable, frozen)
         key = jax.random.PRNGKey(it)
         t0 = time.perf_counter()
-        roll = jax.block_until_ready(setup.rollout_fn(params, b["input_ids"], b["attention_mask"], b["pixel_values"],
-                                                      key))
+        roll = jax.block_until_ready(setup.rollout_fn(params, b, key))
         t1 = time.perf_counter()
-        s = jax.block_until_ready(score(params, setup.clip_params, setup.text_table, setup.span_table, baseline, b,
-                                        roll))
+        s = jax.block_until_ready(steps.score(params, setup.vstate, rp, b, roll.tokens, roll.mask, None))
         t2 = time.perf_counter()
-        ppo_batch = dict(b, tokens=roll.tokens, mask=roll.mask, old_logp=roll.logprobs, old_values=roll.values,
+        ppo_batch = dict(b, tokens=roll.tokens, mask=roll.mask, old_logp=s["old_logp"], old_values=s["old_values"],
                          advantages=s["advantages"], returns=s["returns"])
         if flops is None:
-            flops = update.lower(state, ppo_batch, key).compile().cost_analysis()
+            flops = steps.update.lower(state, frozen, ppo_batch, key).compile().cost_analysis()
             flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
         t2 = time.perf_counter()
-        state, _ = jax.block_until_ready(update(state, ppo_batch, key))
+        state, _ = jax.block_until_ready(steps.update(state, frozen, ppo_batch, key))
         t3 = time.perf_counter()
         tokens = (b["input_ids"].shape[1] + roll.tokens.shape[1]) * b["input_ids"].shape[0] * p.ppo_epochs
         rows.append((t1 - t0, t2 - t1, t3 - t2, tokens))

@@ -269,8 +269,13 @@ def measure_ppo_iteration(tokenizer, policy: str, clip_module, clip_params, text
     from fisao_jax import ppo
     from fisao_jax.models import hf_io
     from fisao_jax.models.configs import LoRAConfig
+    from fisao_jax.params import split_params
+    from fisao_jax.rewards.reward import RewardParams
+    from fisao_jax.rewards.verifier import Verifier, VerifierState
     from fisao_jax.rollout import SamplingConfig, make_rollout
-    from fisao_jax.scoring import RewardSettings, make_policy_fn, make_score_fn
+    from fisao_jax.scoring import ScoreSettings, make_policy_fn, make_score_fn
+    from fisao_jax.train_state import TrainState
+    from fisao_jax.update import make_optimizer
 
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     text = dict(common.SIZES[policy]["text"], vocab_size=len(tokenizer), max_position_embeddings=1024)
@@ -294,31 +299,33 @@ def measure_ppo_iteration(tokenizer, policy: str, clip_module, clip_params, text
     rollout = make_rollout(module, SamplingConfig(max_new_tokens=new, temperature=1.0,
                                                   eos_token_id=tokenizer.eos_token_id,
                                                   pad_token_id=tokenizer.pad_token_id))
-    score = make_score_fn(module, clip_module, RewardSettings())
-    baseline = {"s_c": 1.0, "s_h": -1.0, "s_min": -5.0, "s_max": 5.0}
-    optimizer = ppo.make_optimizer(1e-5)
-    update = ppo.make_ppo_update(make_policy_fn(module), optimizer, ppo_epochs=4, num_minibatches=4)
-    state = ppo.init_ppo_state(params, optimizer)
+    verifier = Verifier(clip_module, tokenizer, eos_token_id=tokenizer.eos_token_id)
+    vstate = VerifierState(clip_params, text_table, span_table)
+    score = jax.jit(make_score_fn(module, verifier, ScoreSettings()))
+    rp = RewardParams.create(10.0, 1.0, -1.0, -5.0, 5.0)
+    optimizer = make_optimizer(1e-5)
+    update = jax.jit(ppo.make_ppo_update(make_policy_fn(module), optimizer, ppo_epochs=4, num_minibatches=4))
+    trainable, frozen = split_params(params)
+    state = TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32))
 
     def run_rollout():
-        return jax.block_until_ready(rollout(params, dev["input_ids"], dev["attention_mask"], dev["pixel_values"],
-                                             jax.random.PRNGKey(0)))
+        return jax.block_until_ready(rollout(params, dev, jax.random.PRNGKey(0)))
 
     t0 = time.perf_counter()
     roll = run_rollout()
     first = {"rollout": time.perf_counter() - t0}
 
     def run_score():
-        return jax.block_until_ready(score(params, clip_params, text_table, span_table, baseline, dev, roll, None))
+        return jax.block_until_ready(score(params, vstate, rp, dev, roll.tokens, roll.mask, None))
 
     t0 = time.perf_counter()
     scored = run_score()
     first["scoring"] = time.perf_counter() - t0
-    ppo_batch = dict(dev, tokens=roll.tokens, mask=roll.mask, old_logp=roll.logprobs, old_values=roll.values,
-                     advantages=scored["advantages"], returns=scored["returns"])
+    ppo_batch = dict(dev, tokens=roll.tokens, mask=roll.mask, old_logp=scored["old_logp"],
+                     old_values=scored["old_values"], advantages=scored["advantages"], returns=scored["returns"])
 
     def run_update():
-        return jax.block_until_ready(update(state, ppo_batch, jax.random.PRNGKey(1)))
+        return jax.block_until_ready(update(state, frozen, ppo_batch, jax.random.PRNGKey(1)))
 
     t0 = time.perf_counter()
     run_update()

@@ -43,21 +43,21 @@ TABLES = {
     "methods": [
         ("SFT", None, []),
         ("FiSAO", "configs/tiny.py", []),
-        ("CSR", "configs/csr_tiny.py", []),
-        ("CSR (mean response score)", "configs/csr_tiny.py", ["--config.csr.response_score=mean"]),
-        ("ViGoR", "configs/vigor_tiny.py", []),
+        ("CSR", "configs/tiny.py:csr", []),
+        ("CSR (mean response score)", "configs/tiny.py:csr", ["--config.csr.response_score=mean"]),
+        ("ViGoR", "configs/tiny.py:vigor", []),
     ],
     "ablations": [
         ("SFT", None, []),
         ("FiSAO (token-level reward)", "configs/tiny.py", []),
-        ("sentence-level reward", "configs/tiny_sentence.py", []),
-        ("KL only", "configs/tiny_kl_only.py", []),
+        ("sentence-level reward", "configs/tiny.py:sentence", []),
+        ("KL only", "configs/tiny.py:kl_only", []),
     ],
     "margin": [
         ("SFT", None, []),
-        ("margin 5", "configs/tiny_margin5.py", []),
+        ("margin 5", "configs/tiny.py:margin5", []),
         ("margin 10 (default)", "configs/tiny.py", []),
-        ("margin 20", "configs/tiny_margin20.py", []),
+        ("margin 20", "configs/tiny.py:margin20", []),
     ],
 }
 METRICS = ("CHAIRs", "CHAIRi", "Recall", "Len", "degenerate")

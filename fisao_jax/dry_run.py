@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from fisao_jax import ppo
 from fisao_jax.models import configs as C
+from fisao_jax.models import config_io
 from fisao_jax.models.hf_io import CONVERTED_CONFIG, abstract_params, build_module, read_hf_config
 from fisao_jax.params import split_params
 from fisao_jax.rollout import SamplingConfig, make_rollout
@@ -26,7 +27,7 @@ def model_config(config) -> C.LlavaConfig:
     lora = C.LoRAConfig(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout)
     folder = pathlib.Path(config.model.policy) if config.model.policy else None
     if folder is not None and (folder / CONVERTED_CONFIG).exists():
-        cfg = C.from_dict(json.loads((folder / CONVERTED_CONFIG).read_text())["config"])
+        cfg = config_io.from_dict(json.loads((folder / CONVERTED_CONFIG).read_text())["config"])
     elif folder is not None and (folder / "config.json").exists():
         cfg = read_hf_config(folder)[1]
     else:

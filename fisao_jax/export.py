@@ -63,26 +63,6 @@ class ExportError(ValueError):
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _natural_key(name: str) -> list:
     """'layers.10' after 'layers.9'."""
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
@@ -164,7 +144,7 @@ def save_adapter(params: Mapping, lora: C.LoRAConfig, dst: PathLike, base: Optio
     dst = pathlib.Path(dst)
     if lora.rank <= 0:
         raise ExportError(f"save_adapter: LoRA rank must be > 0, got {lora.rank}")
-    flat = {p: v for p, v in _flatten(params).items() if p[-1] in LORA_LEAVES or p[0] == "value_head"}
+    flat = {p: v for p, v in hf_io.flatten(params).items() if p[-1] in LORA_LEAVES or p[0] == "value_head"}
     if not any(p[-1] in LORA_LEAVES for p in flat):
         raise ExportError("save_adapter: the parameter tree holds no LoRA leaves (lora_a / lora_b)")
     for p, v in flat.items():
@@ -235,7 +215,7 @@ def apply_adapter(params: Mapping, adapter: Adapter) -> dict:
 
     Raises ExportError listing every adapter tensor without a matching kernel, of the wrong
     shape, or whose partner (lora_a without lora_b or vice versa) is missing."""
-    flat = _flatten(params)
+    flat = hf_io.flatten(params)
     problems = []
     owners: dict[tuple, set] = {}
     for path, arr in adapter.tensors.items():
@@ -261,7 +241,7 @@ def apply_adapter(params: Mapping, adapter: Adapter) -> dict:
     if problems:
         raise ExportError("adapter does not fit the model:\n  " + "\n  ".join(problems))
     flat.update({p: jnp.asarray(v) for p, v in adapter.tensors.items()})
-    return _unflatten(flat)
+    return hf_io.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------- HF mapping
@@ -304,7 +284,7 @@ class _Entry(NamedTuple):
 
 
 def _export_plan(params: Mapping) -> list[_Entry]:
-    flat = _flatten(params)
+    flat = hf_io.flatten(params)
     entries, problems = [], []
     for path, v in flat.items():
         if path[0] == "value_head" or path[-1] in LORA_LEAVES:
@@ -428,7 +408,7 @@ def export_llava(params: Mapping, cfg: C.LlavaConfig, dst: PathLike, tokenizer_d
 
     _check_against_model(params, cfg)
     entries = _export_plan(params)
-    flat = _flatten(params)
+    flat = hf_io.flatten(params)
     shards = _plan_shards(entries, np_dtype.itemsize, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -487,8 +467,8 @@ def _copy_tokenizer(src: Optional[pathlib.Path], dst: pathlib.Path) -> list[str]
 
 def _check_against_model(params: Mapping, cfg: C.LlavaConfig) -> None:
     """Every base parameter of `cfg`'s model present with its shape; nothing else but LoRA/value head."""
-    expected = _flatten(hf_io.abstract_params(_base_config(cfg)))
-    flat = {p: v for p, v in _flatten(params).items() if p[-1] not in LORA_LEAVES}
+    expected = hf_io.flatten(hf_io.abstract_params(_base_config(cfg)))
+    flat = {p: v for p, v in hf_io.flatten(params).items() if p[-1] not in LORA_LEAVES}
     missing = sorted("/".join(p) for p in expected if p not in flat and p[0] != "value_head")
     extra = sorted("/".join(p) for p in flat if p not in expected)
     shapes = sorted(f"{'/'.join(p)}: {tuple(flat[p].shape)} vs config {tuple(s.shape)}"

@@ -91,3 +91,18 @@ def sequence_logprobs(model: VisionLanguageModel, params: Any, batch: dict, toke
                       **kw) -> jax.Array:
     """[B] sum over the response of log pi(token | prompt, previous tokens), nats."""
     return jnp.sum(response_logprobs(model, params, batch, tokens, mask, **kw)["logprobs"], axis=-1)
+
+
+def token_mean_nll(logp: jax.Array, mask: jax.Array, weight: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """The supervised (SFT) loss: mean negative log-likelihood per response token.
+
+    logp, mask [B, N] (nats, mask 1 on target tokens); weight [B] (0 = padding row, default 1).
+    Returns (loss, {'sft/tokens': weighted token count, 'sft/nll_per_response': weighted mean of
+    the per-response summed NLL})."""
+    w = jnp.ones(logp.shape[:1], jnp.float32) if weight is None else weight.astype(jnp.float32)
+    m = (mask > 0).astype(jnp.float32) * w[:, None]
+    tokens = jnp.sum(m)
+    loss = -jnp.sum(logp * m) / jnp.maximum(tokens, 1.0)
+    per_response = -jnp.sum(jnp.where(mask > 0, logp, 0.0), axis=-1)
+    stats = {"sft/tokens": tokens, "sft/nll_per_response": jnp.sum(w * per_response) / jnp.maximum(jnp.sum(w), 1e-12)}
+    return loss, jax.tree.map(lax.stop_gradient, stats)

@@ -70,7 +70,7 @@ class CocoTask:
         folder = pathlib.Path(m.policy)
         if (folder / CONVERTED_CONFIG).exists():
             import json
-            from fisao_jax.models.configs import from_dict
+            from fisao_jax.models.config_io import from_dict
             cfg = from_dict(json.loads((folder / CONVERTED_CONFIG).read_text())["config"])
         else:
             cfg = read_hf_config(folder)[1]
@@ -147,7 +147,7 @@ class SyntheticTask:
         from fisao_jax.data import synthetic
         from fisao_jax.data.prompts import encode_prompts, format_prompt
         from fisao_jax.eval.chair import vocab_from_synonym_lines
-        from fisao_jax.models.configs import from_dict
+        from fisao_jax.models.config_io import from_dict
         from fisao_jax.rewards.entities import vocab_from_names
         from fisao_jax.world import configs as world_configs
 

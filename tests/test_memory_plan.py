@@ -90,7 +90,7 @@ def test_activation_estimate_close_to_xla_compiled_buffers():
     """No remat, float32: the update's activations + logits + gradients against XLA's temp size."""
     from fisao_jax.models.hf_io import abstract_params
     from fisao_jax.models.llava import LlavaModel
-    from fisao_jax.rollout import response_logprobs
+    from fisao_jax.policy import response_logprobs
 
     cfg = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, hidden_size=256, intermediate_size=688,
                                                              num_attention_heads=4, num_key_value_heads=4,
@@ -111,7 +111,8 @@ def test_activation_estimate_close_to_xla_compiled_buffers():
             for k in path[:-1]:
                 node = node.setdefault(k, {})
             node[path[-1]] = v
-        out = response_logprobs(model, params, ids, mask, pixels, tokens, tmask)
+        out = response_logprobs(model, params, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels},
+                                tokens, tmask)
         return -(out["logprobs"].sum() + out["values"].sum())
 
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731

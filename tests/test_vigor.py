@@ -14,6 +14,7 @@ from fisao_jax.data import synthetic
 from fisao_jax.methods import sft, vigor
 from fisao_jax.methods.csr_search import sentence_end_table
 from fisao_jax.params import merge_params, split_params
+from fisao_jax.policy import token_mean_nll
 from fisao_jax.train_state import TrainState
 from fisao_jax.rewards.entities import vocab_from_names
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans
@@ -104,7 +105,7 @@ def test_sft_loss_is_the_token_mean_nll():
     logp = -rng.rand(3, 4)
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     weight = np.array([1.0, 1.0, 0.0])
-    loss, stats = sft.sft_loss(jnp.asarray(logp), jnp.asarray(mask), jnp.asarray(weight))
+    loss, stats = token_mean_nll(jnp.asarray(logp), jnp.asarray(mask), jnp.asarray(weight))
     expect = -(logp[0, :3].sum() + logp[1, 0]) / 4
     np.testing.assert_allclose(float(loss), expect, rtol=1e-6)
     assert float(stats["sft/tokens"]) == 4.0

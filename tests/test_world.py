@@ -10,6 +10,8 @@ import math
 import shutil
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -72,14 +74,36 @@ def test_presence_loss_by_hand():
     assert got == pytest.approx(math.log1p(math.exp(-5.0)), rel=1e-5)
 
 
-def test_response_loss_matches_numpy():
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    ids = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
-    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], np.int32)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t]]
-    assert float(sft.response_loss(logits, ids, mask)) == pytest.approx(np.mean(terms), rel=1e-5)
+def test_sft_loss_is_the_caption_token_nll_of_a_full_forward():
+    """The world's SFT loss (precomputed tower features, LM head on the captions only) equals the
+    mean NLL of the caption tokens under one full LLaVA forward from the pixels, in NumPy."""
+    from fisao_jax.models import configs as C
+    from fisao_jax.models.hf_io import init_params
+    from fisao_jax.models.llava import LlavaModel
+
+    cfg = C.LlavaConfig(vision=C.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=28, patch_size=14),
+                        text=C.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2,
+                                           max_position_embeddings=64), image_token_id=39)
+    module, params = LlavaModel(cfg), init_params(cfg, jax.random.PRNGKey(0))
+    img = [cfg.image_token_id] * cfg.num_image_tokens
+    prompt_ids = np.array([[0, 1] + img + [5], [1] + img + [6, 7]], np.int32)
+    prompt_mask = np.array([[0] + [1] * (len(img) + 2), [1] * (len(img) + 3)], np.int32)
+    buckets, _ = sft.make_buckets(prompt_ids, prompt_mask, [[11, 12, 2], [13, 2]], (4,), pad_id=0)
+    batch = {k: jnp.asarray(buckets[4][k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 28, 28)).astype(np.float32)
+    batch["features"] = module.apply({"params": params}, jnp.asarray(pixels), method=sft._tower_features)
+    loss, stats = sft._loss(module, prompt_ids.shape[1], params, batch)
+
+    logits = np.asarray(module.apply({"params": params}, batch["input_ids"], jnp.asarray(pixels),
+                                     batch["attention_mask"]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ids, lm = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+    terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, ids.shape[1]) if lm[b, t]]
+    assert len(terms) == 5
+    assert float(loss) == pytest.approx(np.mean(terms), rel=1e-5) and float(stats["loss"]) == float(loss)
 
 
 def test_make_buckets_layout_by_hand():

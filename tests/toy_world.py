@@ -10,6 +10,7 @@ import jax
 from fisao_jax.data import synthetic
 from fisao_jax.data.tokenizer import train_tokenizer
 from fisao_jax.models import configs as C
+from fisao_jax.models import config_io
 from fisao_jax.models.hf_io import init_params, save_params
 from fisao_jax.world.configs import default_build_config
 
@@ -18,7 +19,7 @@ def _save(cfg, folder: pathlib.Path, params) -> None:
     folder.mkdir(parents=True)
     save_params(folder / "params", params)
     kind = "llava" if isinstance(cfg, C.LlavaConfig) else "clip"
-    (folder / "fisao_config.json").write_text(json.dumps({"kind": kind, "dtype": "float32", "config": C.to_dict(cfg)}))
+    (folder / "fisao_config.json").write_text(json.dumps({"kind": kind, "dtype": "float32", "config": config_io.to_dict(cfg)}))
 
 
 def make_toy_world(root: pathlib.Path, seed: int = 0) -> dict:

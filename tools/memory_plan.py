@@ -21,14 +21,14 @@ import sys
 
 def load_config(name: str, lora_rank: int, lora_alpha: float):
     """A LlavaConfig with the given LoRA from a known name or a model folder."""
-    from fisao_jax.models import configs as C
+    from fisao_jax.models import config_io, configs as C
 
     lora = C.LoRAConfig(rank=lora_rank, alpha=lora_alpha)
     if name == "llava7b":
         return C.llava_1_5_7b(lora)
     folder = pathlib.Path(name)
     if (folder / "fisao_config.json").is_file():
-        cfg = C.from_dict(json.loads((folder / "fisao_config.json").read_text())["config"])
+        cfg = config_io.from_dict(json.loads((folder / "fisao_config.json").read_text())["config"])
     elif (folder / "config.json").is_file():
         cfg = C.llava_from_hf(json.loads((folder / "config.json").read_text()))
     else:

@@ -1,35 +1,20 @@
 """Supervised fine-tuning on LoRA: the autoregressive loss on response tokens (LLaVA's).
 
 loss = sum over examples and response tokens of -log pi(token | prompt, previous tokens),
-divided by the number of response tokens in the minibatch (the token mean that LLaVA's
-trainer takes over the non-ignored labels; the prompt is never a target).
+divided by the number of response tokens in the minibatch (`fisao_jax.policy.token_mean_nll`:
+the token mean that LLaVA's trainer takes over the non-ignored labels; the prompt is never a
+target).
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import optax
 from jax import lax
 
 from fisao_jax.models.vlm import VisionLanguageModel
-from fisao_jax.policy import response_logprobs
+from fisao_jax.policy import response_logprobs, token_mean_nll
 from fisao_jax.update import make_minibatch_update
 
 SFT_KEYS = ("input_ids", "attention_mask", "tokens", "mask", "weight")
-
-
-def sft_loss(logp: jax.Array, mask: jax.Array, weight: jax.Array) -> tuple[jax.Array, dict]:
-    """Token-mean negative log-likelihood: logp, mask [B, N]; weight [B] (0 = padding row).
-
-    Returns (loss, {'sft/tokens': weighted token count, 'sft/nll_per_response': weighted
-    mean of per-response summed NLL})."""
-    m = (mask > 0).astype(jnp.float32) * weight[:, None].astype(jnp.float32)
-    tokens = jnp.sum(m)
-    loss = -jnp.sum(logp * m) / jnp.maximum(tokens, 1.0)
-    per_response = -jnp.sum(jnp.where(mask > 0, logp, 0.0), axis=-1)
-    w = weight.astype(jnp.float32)
-    stats = {"sft/tokens": tokens, "sft/nll_per_response": jnp.sum(w * per_response) / jnp.maximum(jnp.sum(w), 1e-12)}
-    return loss, jax.tree.map(lax.stop_gradient, stats)
 
 
 def make_sft_loss(model: VisionLanguageModel):
@@ -38,7 +23,7 @@ def make_sft_loss(model: VisionLanguageModel):
 
     def loss_fn(params, mb):
         logp = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], use_lora=True)["logprobs"]
-        loss, stats = sft_loss(logp, mb["mask"], mb["weight"])
+        loss, stats = token_mean_nll(logp, mb["mask"], mb["weight"])
         return loss, dict(stats, loss=lax.stop_gradient(loss))
 
     return loss_fn

@@ -1,7 +1,7 @@
 """BLIP-family configurations: the ViT-g vision tower, the Q-Former, InstructBLIP (Vicuna)
 and BLIP-2's image-text retrieval model, with their construction from Hugging Face configs.
 
-`*_from_hf` accept a `transformers` config object or a `config.json` dict. `configs.from_dict`
+`*_from_hf` accept a `transformers` config object or a `config.json` dict. `config_io.from_dict`
 knows these classes (see `CLASSES`).
 """
 from __future__ import annotations

@@ -6,8 +6,6 @@ config object or a `config.json` dict (v4 `rope_theta` or v5 `rope_parameters` l
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from typing import Any, Optional, Sequence, Union
 
 
@@ -226,51 +224,8 @@ def llava_from_hf(cfg: Any, lora: LoRAConfig = LoRAConfig()) -> LlavaConfig:
 
 # ----------------------------------------------------------------------------- (de)serialisation
 
-_CLASSES = {c.__name__: c for c in (CLIPVisionConfig, CLIPTextConfig, CLIPConfig, LoRAConfig,
-                                    LlamaConfig, LlavaConfig)}
-
-
-def _registry() -> dict:
-    """Every config class `from_dict` can build (the BLIP family lives in blip_configs, which
-    imports this module, hence the late import)."""
-    from fisao_jax.models.blip_configs import CLASSES as BLIP_CLASSES
-
-    return {**_CLASSES, **BLIP_CLASSES}
-
-
-def to_dict(cfg: Any) -> dict:
-    """Nested dict with a `__class__` tag per dataclass, for JSON."""
-    out = {"__class__": type(cfg).__name__}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
-    return out
-
-
-def from_dict(d: dict) -> Any:
-    """Inverse of `to_dict`."""
-    d = dict(d)
-    cls_name = d.pop("__class__", None)
-    classes = _registry()
-    if cls_name not in classes:
-        raise ValueError(f"unknown config class {cls_name!r}")
-    cls = classes[cls_name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown keys for {cls_name}: {sorted(unknown)}")
-    kw = {k: from_dict(v) if isinstance(v, dict) and "__class__" in v else v for k, v in d.items()}
-    if "vision_feature_layer" in kw and isinstance(kw["vision_feature_layer"], list):
-        kw["vision_feature_layer"] = tuple(kw["vision_feature_layer"])
-    return cls(**kw)
-
-
-def save_json(cfg: Any, path: Union[str, pathlib.Path]) -> None:
-    pathlib.Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
-
-
-def load_json(path: Union[str, pathlib.Path]) -> Any:
-    return from_dict(json.loads(pathlib.Path(path).read_text()))
+CLASSES = {c.__name__: c for c in (CLIPVisionConfig, CLIPTextConfig, CLIPConfig, LoRAConfig, LlamaConfig, LlavaConfig)}
+"""The config classes of this module by name (`fisao_jax.models.config_io` serialises them)."""
 
 
 # ----------------------------------------------------------------------------- real sizes

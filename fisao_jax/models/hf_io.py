@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from fisao_jax.models import blip_configs as B
 from fisao_jax.models import configs as C
+from fisao_jax.models import config_io
 from fisao_jax.models.blip2 import Blip2RetrievalModel
 from fisao_jax.models.clip import CLIPModel
 from fisao_jax.models.instructblip import InstructBlipModel
@@ -280,7 +281,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         save_params(tmp / PARAMS_DIR, params)
-        meta = {"kind": kind, "dtype": dtype, "source": str(src.resolve()), "config": C.to_dict(cfg)}
+        meta = {"kind": kind, "dtype": dtype, "source": str(src.resolve()), "config": config_io.to_dict(cfg)}
         (tmp / CONVERTED_CONFIG).write_text(json.dumps(meta, indent=2))
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                      "preprocessor_config.json", "processor_config.json", "chat_template.json",
@@ -331,7 +332,7 @@ def from_hf(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_
     param_dtype = param_dtype or dtype
     if (folder / CONVERTED_CONFIG).exists():
         meta = json.loads((folder / CONVERTED_CONFIG).read_text())
-        kind, cfg = meta["kind"], C.from_dict(meta["config"])
+        kind, cfg = meta["kind"], config_io.from_dict(meta["config"])
         if expect is not None and kind != expect:
             raise ConversionError(f"{folder} holds a {kind} model, expected {expect}")
         abstract = abstract_params(_without_lora(cfg), param_dtype)

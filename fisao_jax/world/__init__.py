@@ -1,16 +1,7 @@
 """The synthetic world's pretrained models: tokenizer, CLIP (the verifier) and SFT LLaVA (the policy).
 
-`build_world(workdir, cfg)` trains them or loads them from the cache; see `build`.
+  configs.py        settings of every stage (plain dataclasses) and the default build
+  build.py          `build_world(workdir, cfg)`: trains the three stages or loads them from the cache
+  pretrain_clip.py  the small CLIP: contrastive + presence pretraining on generated scenes
+  sft.py            the small LLaVA: SFT on captions that hallucinate co-occurring objects
 """
-from fisao_jax.world.build import WorldArtifacts, WorldCacheError, build_world  # noqa: F401
-from fisao_jax.world.configs import (  # noqa: F401
-    ClipSettings,
-    SftSettings,
-    TokenizerSettings,
-    WorldBuildConfig,
-    build_config_from_dict,
-    default_build_config,
-    pixel_values,
-    test_build_config,
-    to_dict,
-)

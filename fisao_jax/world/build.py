@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from fisao_jax.data import synthetic
-from fisao_jax.world import configs as wc
+import fisao_jax.world.configs as wc
 
 FORMAT_VERSION = 1
 """Bump when the training code changes what a given configuration produces."""
@@ -343,8 +343,8 @@ def _summary(hist: dict) -> dict:
 def _save_model(folder: pathlib.Path, kind: str, model_cfg: Any, params: Any) -> None:
     """The converted-folder format `models.hf_io.from_hf` reads."""
     import jax
-    from fisao_jax.models import configs as mc
+    from fisao_jax.models import config_io
     from fisao_jax.models import hf_io
     hf_io.save_params(folder / hf_io.PARAMS_DIR, jax.device_get(params))
-    meta = {"kind": kind, "dtype": "float32", "source": "fisao_jax.world", "config": mc.to_dict(model_cfg)}
+    meta = {"kind": kind, "dtype": "float32", "source": "fisao_jax.world", "config": config_io.to_dict(model_cfg)}
     (folder / hf_io.CONVERTED_CONFIG).write_text(json.dumps(meta, indent=2))

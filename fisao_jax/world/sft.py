@@ -32,6 +32,7 @@ from fisao_jax.eval import chair
 from fisao_jax.models import hf_io
 from fisao_jax.models.configs import CLIPConfig, LlamaConfig, LlavaConfig
 from fisao_jax.models.llava import LlavaModel
+from fisao_jax.policy import response_logprobs, token_mean_nll
 from fisao_jax.rollout import SamplingConfig, make_rollout
 from fisao_jax.update import make_minibatch_update
 from fisao_jax.world.configs import SftSettings, pixel_values
@@ -94,9 +95,9 @@ def vision_features(module: LlavaModel, params: Any, images: np.ndarray, batch_s
     return np.concatenate(out)
 
 
-def _logits_from_features(m: LlavaModel, input_ids, features, attention_mask):
-    """Logits [B,T,V] with precomputed tower features [B, N_img, D_vision] (projector applied here)."""
-    return m.forward(input_ids, m.multi_modal_projector(features), attention_mask)["logits"]
+def _project(m: LlavaModel, features):
+    """Precomputed tower features [B, N_img, D_vision] through the (trained) projector."""
+    return m.multi_modal_projector(features)
 
 
 def prompt_texts(prompts: Sequence[str], system: Optional[str]) -> list[str]:
@@ -160,31 +161,24 @@ def make_optimizer(s: SftSettings) -> optax.GradientTransformation:
                                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
 
 
-def response_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy (nats) over tokens with loss_mask 1.
-
-    logits [B,T,V] (position t predicts token t+1); input_ids, loss_mask [B,T]."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    w = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def _loss(module: LlavaModel, params: dict, batch: dict) -> tuple[jax.Array, dict]:
-    logits = module.apply({"params": params}, batch["input_ids"], batch["features"], batch["attention_mask"],
-                          method=_logits_from_features)
-    loss = response_loss(logits, batch["input_ids"], batch["loss_mask"])
+def _loss(module: LlavaModel, p: int, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+    """Token-mean NLL of the caption tokens; the prompt is the first `p` columns of a row."""
+    feats = module.apply({"params": params}, batch["features"], method=_project)
+    prompt = {"input_ids": batch["input_ids"][:, :p], "attention_mask": batch["attention_mask"][:, :p]}
+    logp = response_logprobs(module, params, prompt, batch["input_ids"][:, p:], batch["loss_mask"][:, p:],
+                             features=feats)["logprobs"]
+    loss, _ = token_mean_nll(logp, batch["loss_mask"][:, p:])
     return loss, {"loss": jax.lax.stop_gradient(loss)}
 
 
 @functools.lru_cache(maxsize=4)
-def train_step(module: LlavaModel, s: SftSettings):
+def train_step(module: LlavaModel, s: SftSettings, prompt_len: int):
     """Compiled `step(trainable, opt_state, step, frozen, batch) -> (trainable, opt_state, step,
     metrics)`: one AdamW step (the shared update, `fisao_jax.update`; a non-finite step is
     skipped), compiled once per (module, settings, shapes).
 
     batch: 'input_ids', 'attention_mask', 'loss_mask' [B,T] int32, 'features' [B,N_img,D_vision]."""
-    update = make_minibatch_update(functools.partial(_loss, module), make_optimizer(s), num_minibatches=1)
+    update = make_minibatch_update(functools.partial(_loss, module, prompt_len), make_optimizer(s), num_minibatches=1)
     return jax.jit(lambda tr, opt, st, fz, batch: update(tr, opt, st, fz, batch, None)[:4])
 
 
@@ -217,7 +211,7 @@ def train_sft(s: SftSettings, clip_module: Any, clip_params: Any, tokenizer, dat
     frozen = {k: v for k, v in params.items() if k not in trainable}
     opt_state = make_optimizer(s).init(trainable)
     step = jnp.zeros((), jnp.int32)
-    run_step = train_step(module, s)
+    run_step = train_step(module, s, p_len)
     rng = np.random.default_rng([seed, 2])
     sizes = sorted(buckets)
     weights = np.array([len(buckets[b]["rows"]) for b in sizes], np.float64)
