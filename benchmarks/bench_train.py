@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     p = config.ppo
     optimizer = make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
     state, frozen = fisao.initial_state(setup, config, optimizer)
-    steps = fisao.make_steps(setup, config, setup.layout.of(state), setup.layout.of(frozen))
+    steps = fisao.steps_for(setup, config, state, frozen)
 
     rows, flops = [], None
     for it in range(args.iterations + 1):

@@ -16,6 +16,7 @@ COCO calibration / CHAIR evaluation images for real checkpoints.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import numpy as np
@@ -160,7 +161,8 @@ class SyntheticTask:
         else:
             from fisao_jax.world import build as world_build
 
-            art = world_build.build_world(world_cache_dir(config, workdir), build_cfg)
+            # the world's build messages (quality metrics, cache folders) go to the run's log file
+            art = world_build.build_world(world_cache_dir(config, workdir), build_cfg, log=logging.info)
             self.policy_dir, self.verifier_dir, tokenizer_dir = str(art.llava_dir), str(art.clip_dir), str(art.tokenizer_dir)
         self.tokenizer = _load_tokenizer(tokenizer_dir, "world tokenizer")
         self.verifier_tokenizer = self.tokenizer

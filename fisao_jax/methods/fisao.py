@@ -74,13 +74,20 @@ def check_batch_shapes(config, batch_shards: int) -> None:
                           f"batch size that is a multiple of {batch_shards * config.ppo.num_minibatches}")
 
 
-def make_steps(setup: Setup, config, state_shardings: Any, frozen_shardings: Any) -> Steps:
-    """The scoring step and the PPO update, compiled with the run's shardings."""
-    p, layout = config.ppo, setup.layout
+def make_optimizer_for(config):
+    p = config.ppo
+    return make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
+
+
+def make_steps(module, verifier, settings, layout, config, param_shardings: Any, vstate_shardings: Any,
+               state_shardings: Any, frozen_shardings: Any) -> Steps:
+    """The scoring step and the PPO update, compiled with the run's shardings (arrays in hand
+    for a run; abstract ones for `fisao_jax.compile_target`)."""
+    p = config.ppo
     check_batch_shapes(config, layout.batch_shards)
-    optimizer = make_optimizer(p.lr, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm)
-    score = make_score_fn(setup.module, setup.verifier, setup.score_settings)
-    update = ppo.make_ppo_update(make_policy_fn(setup.module, setup.score_settings.temperature), optimizer,
+    optimizer = make_optimizer_for(config)
+    score = make_score_fn(module, verifier, settings)
+    update = ppo.make_ppo_update(make_policy_fn(module, settings.temperature), optimizer,
                                  ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
                                  clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
                                  batch_shards=layout.batch_shards)
@@ -88,10 +95,16 @@ def make_steps(setup: Setup, config, state_shardings: Any, frozen_shardings: Any
     score_out = {**{k: b for k in SCORE_OUTPUTS}, "metrics": r}
     return Steps(
         optimizer,
-        layout.jit(score, in_shardings=(setup.param_shardings, layout.of(setup.vstate), r, b, b, b, b),
-                   out_shardings=score_out),
+        layout.jit(score, in_shardings=(param_shardings, vstate_shardings, r, b, b, b, b), out_shardings=score_out),
         layout.jit(update, in_shardings=(state_shardings, frozen_shardings, b, r), out_shardings=(state_shardings, r),
                    donate_argnums=(0,)))
+
+
+def steps_for(setup: Setup, config, state, frozen) -> Steps:
+    """`make_steps` for a run's setup and state."""
+    layout = setup.layout
+    return make_steps(setup.module, setup.verifier, setup.score_settings, layout, config, setup.param_shardings,
+                      layout.of(setup.vstate), layout.of(state), layout.of(frozen))
 
 
 def initial_state(setup: Setup, config, optimizer) -> tuple[FisaoState, Any]:
@@ -159,10 +172,8 @@ def train(config, workdir) -> dict:
     validate(config)
     run = start_run(config, workdir, "fisao")
     setup = run.setup
-    optimizer = make_optimizer(config.ppo.lr, weight_decay=config.ppo.weight_decay,
-                               max_grad_norm=config.ppo.max_grad_norm)
-    state, frozen = initial_state(setup, config, optimizer)
-    steps = make_steps(setup, config, setup.layout.of(state), setup.layout.of(frozen))
+    state, frozen = initial_state(setup, config, make_optimizer_for(config))
+    steps = steps_for(setup, config, state, frozen)
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)
         print(f"resumed from {run.ckpt.directory / str(run.latest)} (iteration {int(state.iteration)})")

@@ -7,6 +7,10 @@ Heads come before slots so that the attention contractions read the cache as it 
 [B, S, KVH, Dh], XLA transposes every layer's whole cache at every decode step.
 `index` is the next slot to write. A forward without a cache (training, scoring) attends over
 its own keys and values and builds no cache.
+
+Activations name their logical axes (`constrain`): under a mesh and the logical axis rules
+of `fisao_jax.sharding` the batch stays on the data-parallel axes and heads / MLP units on
+'tensor' through every layer; elsewhere the constraints do nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ from fisao_jax.models.configs import LlamaConfig, LoRAConfig
 from fisao_jax.models.lora import LoRADense
 
 KVCache = dict
+
+# logical axis names of the activations (mapped to mesh axes by fisao_jax.sharding.LOGICAL_RULES)
+HIDDEN = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "head_dim")
+KV = ("batch", "length", "kv_heads", "head_dim")
+CACHE = ("batch", "kv_heads", "cache_len", "head_dim")
+MLP = ("batch", "length", "mlp")
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """`x` laid out by logical axis names (a no-op outside a mesh with logical rules)."""
+    return nn.with_logical_constraint(x, axes)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
@@ -78,17 +94,17 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
         h, kvh, dh = c.num_attention_heads, c.num_key_value_heads, c.dims_per_head
         proj = lambda n, f: _dense(f, c.attention_bias, self.lora, self.dtype, self.param_dtype, n)  # noqa: E731
-        q = proj("q_proj", h * dh)(x, use_lora, deterministic).reshape(b, t, h, dh)
-        k = proj("k_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh)
-        v = proj("v_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh)
+        q = constrain(proj("q_proj", h * dh)(x, use_lora, deterministic).reshape(b, t, h, dh), HEADS)
+        k = constrain(proj("k_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh), KV)
+        v = constrain(proj("v_proj", kvh * dh)(x, use_lora, deterministic).reshape(b, t, kvh, dh), KV)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache_k is None:
             cache_k, cache_v, index = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0
         else:
             heads_first = lambda a: a.transpose(0, 2, 1, 3).astype(cache_k.dtype)  # noqa: E731
-            cache_k = jax.lax.dynamic_update_slice(cache_k, heads_first(k), (0, 0, index, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, heads_first(v), (0, 0, index, 0))
+            cache_k = constrain(jax.lax.dynamic_update_slice(cache_k, heads_first(k), (0, 0, index, 0)), CACHE)
+            cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, heads_first(v), (0, 0, index, 0)), CACHE)
         s = cache_k.shape[2]
 
         # Causal over absolute slots, restricted to valid (non-padding) keys.
@@ -100,8 +116,8 @@ class LlamaAttention(nn.Module):
         logits = logits * (dh ** -0.5)
         logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, cache_v.astype(self.dtype)).reshape(b, t, h * dh)
-        out = proj("o_proj", c.hidden_size)(out, use_lora, deterministic)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, cache_v.astype(self.dtype)).reshape(b, t, h, dh)
+        out = proj("o_proj", c.hidden_size)(constrain(out, HEADS).reshape(b, t, h * dh), use_lora, deterministic)
         return out, cache_k, cache_v
 
 
@@ -115,8 +131,8 @@ class LlamaMLP(nn.Module):
     def __call__(self, x, use_lora, deterministic):
         c = self.cfg
         proj = lambda n, f: _dense(f, c.mlp_bias, self.lora, self.dtype, self.param_dtype, n)  # noqa: E731
-        gate = proj("gate_proj", c.intermediate_size)(x, use_lora, deterministic)
-        up = proj("up_proj", c.intermediate_size)(x, use_lora, deterministic)
+        gate = constrain(proj("gate_proj", c.intermediate_size)(x, use_lora, deterministic), MLP)
+        up = constrain(proj("up_proj", c.intermediate_size)(x, use_lora, deterministic), MLP)
         return proj("down_proj", c.hidden_size)(jax.nn.silu(gate) * up, use_lora, deterministic)
 
 
@@ -132,10 +148,10 @@ class LlamaDecoderLayer(nn.Module):
         a, cache_k, cache_v = LlamaAttention(self.cfg, self.lora, name="self_attn", **kw)(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm", **kw)(x),
             cos, sin, key_mask, cache_k, cache_v, index, use_lora, deterministic)
-        x = x + a
+        x = constrain(x + a, HIDDEN)
         m = LlamaMLP(self.cfg, self.lora, name="mlp", **kw)(
             RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x), use_lora, deterministic)
-        return x + m, cache_k, cache_v
+        return constrain(x + m, HIDDEN), cache_k, cache_v
 
 
 class LlamaModel(nn.Module):
@@ -167,7 +183,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.dims_per_head, self.cfg.rope_theta,
                                 self.cfg.rope_scaling_factor)
         key_mask = key_mask.astype(bool)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain(inputs_embeds.astype(self.dtype), HIDDEN)
         if cache is None:
             for layer in self.layers:
                 x, _, _ = layer(x, cos, sin, key_mask, None, None, 0, use_lora, deterministic)

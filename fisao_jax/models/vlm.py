@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisao_jax.models.llama import KVCache, LlamaModel
+from fisao_jax.models.llama import HIDDEN, KVCache, LlamaModel, constrain
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:
@@ -98,8 +98,10 @@ class VisionLanguageModel(nn.Module):
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""
         if self.cfg.text.tie_word_embeddings:
-            return self.language_model.logits(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = self.language_model.logits(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def values(self, hidden: jax.Array) -> jax.Array:
         """Value head on the final hidden state: [B, T, D] -> [B, T] float32."""
@@ -125,7 +127,7 @@ class VisionLanguageModel(nn.Module):
             if cache is not None:
                 raise ValueError("key_mask [B, cache_len] is required when a cache is given")
             key_mask = attention_mask
-        embeds = self.embed_inputs(input_ids, image_features, image_mask)
+        embeds = constrain(self.embed_inputs(input_ids, image_features, image_mask), HIDDEN)
         hidden, cache = self.language_model(embeds, position_ids, key_mask, cache, use_lora, deterministic)
         return {"logits": self.lm_logits(hidden[:, logits_from:]), "values": self.values(hidden), "hidden": hidden,
                 "cache": cache}
