@@ -149,7 +149,7 @@ class SyntheticTask:
         from fisao_jax.data.prompts import encode_prompts, format_prompt
         from fisao_jax.eval.chair import vocab_from_synonym_lines
         from fisao_jax.models.config_io import from_dict
-        from fisao_jax.rewards.entities import vocab_from_names
+        from fisao_jax.rewards.entities_build import vocab_from_names
         from fisao_jax.world import configs as world_configs
 
         import json
