@@ -58,7 +58,8 @@ class CocoTask:
     """LLaVA-Instruct-150k prompts, COCO calibration (train) and CHAIR evaluation (val) images."""
 
     def __init__(self, config, workdir: pathlib.Path):
-        from fisao_jax.data import coco, image, llava_instruct
+        from fisao_jax.data import coco, llava_instruct
+        from fisao_jax.data.image_config import ImageConfig
         from fisao_jax.eval import chair
         from fisao_jax.models.hf_io import read_hf_config, CONVERTED_CONFIG
         from fisao_jax.rewards.entities import load_entity_vocab
@@ -80,7 +81,7 @@ class CocoTask:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         size = cfg.vision.image_size  # the processor's size follows the vision tower
-        self.image_config = image.ImageConfig(size=size, crop=(size, size), pad_to_square=d.pad_to_square)
+        self.image_config = ImageConfig(size=size, crop=(size, size), pad_to_square=d.pad_to_square)
         self.entity_vocab = load_entity_vocab(config.reward.entity_vocab or None)
         self.chair_vocab = chair.coco_vocab(d.chair_synonyms or None)
         self.records, report = llava_instruct.load_llava_instruct(d.instruct_json, d.coco_root, limit=d.num_prompts,
@@ -149,7 +150,7 @@ class SyntheticTask:
         from fisao_jax.data.prompts import encode_prompts, format_prompt
         from fisao_jax.eval.chair import vocab_from_synonym_lines
         from fisao_jax.models.config_io import from_dict
-        from fisao_jax.rewards.entities import vocab_from_names
+        from fisao_jax.rewards.entities_build import vocab_from_names
         from fisao_jax.world import configs as world_configs
 
         import json

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fisao_jax import packaged
-from fisao_jax.rewards import entities
+from fisao_jax.rewards import entities, entities_build
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,27 +19,27 @@ LVIS = packaged.path(packaged.LVIS_CATEGORIES)
 
 def _wordnet_or_skip():
     try:
-        return entities._wordnet()
+        return entities_build._wordnet()
     except RuntimeError as e:
         pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
 def categories():
-    return entities.read_categories(COCO, LVIS)
+    return entities_build.read_categories(COCO, LVIS)
 
 
 @pytest.fixture(scope="module")
 def built(categories):
     _wordnet_or_skip()
-    return entities.build_entity_vocab(categories)
+    return entities_build.build_entity_vocab(categories)
 
 
 def test_normalise_category_name():
-    assert entities.normalise_category_name("bow_(weapon)") == "bow"
-    assert entities.normalise_category_name("Band_Aid") == "band aid"
-    assert entities.normalise_category_name("  hot   dog ") == "hot dog"
-    assert entities.normalise_category_name("wiper_(for_windshield/screen)") == "wiper"
+    assert entities_build.normalise_category_name("bow_(weapon)") == "bow"
+    assert entities_build.normalise_category_name("Band_Aid") == "band aid"
+    assert entities_build.normalise_category_name("  hot   dog ") == "hot dog"
+    assert entities_build.normalise_category_name("wiper_(for_windshield/screen)") == "wiper"
 
 
 def test_read_categories_normalises_lvis(categories):
@@ -78,7 +78,7 @@ def test_packaged_vocabulary_expansions():
 
 
 def test_builder_is_deterministic_and_matches_packaged_file(built):
-    again = entities.build_entity_vocab(entities.read_categories(COCO, LVIS))
+    again = entities_build.build_entity_vocab(entities_build.read_categories(COCO, LVIS))
     assert again.to_json() == built.to_json()
     packaged = json.loads(PACKAGED.read_text())
     assert packaged["entities"] == built.as_dict()
@@ -107,29 +107,29 @@ def test_tool_output_is_byte_identical_across_runs(tmp_path):
 
 def test_paper_preset_reproduces_noise(categories):
     _wordnet_or_skip()
-    vocab = entities.build_entity_vocab(categories, entities.PAPER_OPTIONS)
+    vocab = entities_build.build_entity_vocab(categories, entities_build.PAPER_OPTIONS)
     assert vocab.category_of("purge") == "cat" and vocab.category_of("chairman") == "chair"
     assert len(vocab) > len(entities.load_entity_vocab())
 
 
 def test_options_filter_wordnet_synonyms(categories):
     _wordnet_or_skip()
-    no_wordnet = entities.build_entity_vocab(categories, dataclasses.replace(
-        entities.ExpansionOptions(), wordnet=False))
+    no_wordnet = entities_build.build_entity_vocab(categories, dataclasses.replace(
+        entities_build.ExpansionOptions(), wordnet=False))
     assert no_wordnet.category_of("fridge") is None and no_wordnet.category_of("cats") == "cat"
-    stop = entities.build_entity_vocab(categories, dataclasses.replace(
-        entities.ExpansionOptions(), stop_words=frozenset({"fridge"})))
+    stop = entities_build.build_entity_vocab(categories, dataclasses.replace(
+        entities_build.ExpansionOptions(), stop_words=frozenset({"fridge"})))
     assert stop.category_of("fridge") is None and stop.category_of("fridges") is None
     # COCO's and LVIS's "refrigerator" share LVIS's synset, so "fridge" is met twice.
     assert stop.metadata["dropped"]["stop_word"] == 2
-    animals_only = entities.build_entity_vocab(categories, dataclasses.replace(
-        entities.ExpansionOptions(), lexnames=("noun.animal",)))
+    animals_only = entities_build.build_entity_vocab(categories, dataclasses.replace(
+        entities_build.ExpansionOptions(), lexnames=("noun.animal",)))
     assert animals_only.category_of("fridge") is None
     assert animals_only.category_of("domestic dog") == "dog"
 
 
 def test_vocab_from_names():
-    vocab = entities.vocab_from_names(["cat", "Hot_Dog", "person", "bus"])
+    vocab = entities_build.vocab_from_names(["cat", "Hot_Dog", "person", "bus"])
     assert vocab.as_dict() == {
         "bus": "bus", "buses": "bus", "cat": "cat", "cats": "cat", "hot dog": "hot dog",
         "hot dogs": "hot dog", "people": "person", "person": "person"}
@@ -137,11 +137,11 @@ def test_vocab_from_names():
     assert vocab.entity_id("HOT  DOGS") == vocab.surface_forms.index("hot dogs")
     assert vocab.entity_id("dog") == -1
     with pytest.raises(ValueError, match="'cat!'"):
-        entities.vocab_from_names(["cat!"])
+        entities_build.vocab_from_names(["cat!"])
 
 
 def test_save_load_round_trip(tmp_path):
-    vocab = entities.vocab_from_names(["cat", "dog"])
+    vocab = entities_build.vocab_from_names(["cat", "dog"])
     path = tmp_path / "sub" / "v.json"
     vocab.save(path)
     loaded = entities.load_entity_vocab(path)
@@ -176,6 +176,6 @@ def test_read_categories_errors(tmp_path):
     bad = tmp_path / "lvis.json"
     bad.write_text(json.dumps([{"id": 1, "synonyms": []}]))
     with pytest.raises(ValueError, match="lacks a string 'name'"):
-        entities.read_categories(None, bad)
+        entities_build.read_categories(None, bad)
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        entities.read_categories(pathlib.Path("missing.json"), None)
+        entities_build.read_categories(pathlib.Path("missing.json"), None)

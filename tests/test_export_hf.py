@@ -14,7 +14,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import hf_tiny  # noqa: E402
 from fisao_jax.models import hf_io
-from fisao_jax import export  # noqa: E402
+from fisao_jax import export, lora_adapter  # noqa: E402
+from fisao_jax.lora_adapter import ExportError  # noqa: E402
 from fisao_jax.models import configs as C  # noqa: E402
 from fisao_jax.models.safetensors_io import read_shapes  # noqa: E402
 from tools import convert_hf, export_hf  # noqa: E402
@@ -126,7 +127,7 @@ def test_cli_adapter_on_converted_folder_sharded_round_trip(tiny, tmp_path):
     root, _ = tiny
     module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(2))
     params = _random_lora(params, seed=3)
-    export.save_adapter(params, LORA, tmp_path / "adapter", base=root / "converted")
+    lora_adapter.save_adapter(params, LORA, tmp_path / "adapter", base=root / "converted")
     out = tmp_path / "hf_out"
     assert export_hf.main(["--ckpt", str(tmp_path / "adapter"), "--dst", str(out), "--dtype", "float32",
                            "--max_shard_size", "100KB", "--quiet"]) == 0
@@ -150,12 +151,12 @@ def test_adapter_save_load_round_trip_and_value_head(tiny, tmp_path):
     module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(4))
     params = _random_lora(params, seed=5)
     params["value_head"]["kernel"] = params["value_head"]["kernel"] + 0.5
-    export.save_adapter(params, LORA, tmp_path / "a")
-    adapter = export.load_adapter(tmp_path / "a" / export.ADAPTER_WEIGHTS)
+    lora_adapter.save_adapter(params, LORA, tmp_path / "a")
+    adapter = lora_adapter.load_adapter(tmp_path / "a" / lora_adapter.ADAPTER_WEIGHTS)
     assert adapter.lora == LORA and adapter.base is None
     assert len(adapter.tensors) == 2 * 7 * 2 + 2
     _, base = hf_io.from_hf(root / "converted")
-    restored = export.apply_adapter(base, adapter)
+    restored = lora_adapter.apply_adapter(base, adapter)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_get(restored, path)))
 
@@ -216,37 +217,37 @@ def test_errors_name_the_fault_and_leave_nothing(tiny, tmp_path, capsys):
     big = jax.tree.map(lambda x: x, params)
     kernel = big["multi_modal_projector"]["linear_2"]["kernel"]
     big["multi_modal_projector"]["linear_2"]["kernel"] = kernel.at[0, 0].set(1e6)
-    with pytest.raises(export.ExportError, match=r"multi_modal_projector\.linear_2\.weight: .*overflow float16"):
+    with pytest.raises(ExportError, match=r"multi_modal_projector\.linear_2\.weight: .*overflow float16"):
         export.export_llava(big, module.cfg, tmp_path / "overflow", dtype="float16", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["exists"]  # no output, no temp folder
 
     wrong = jax.tree.map(lambda x: x, params)
     del wrong["language_model"]["norm"]
-    with pytest.raises(export.ExportError, match="missing parameters:\n  language_model/norm/scale"):
+    with pytest.raises(ExportError, match="missing parameters:\n  language_model/norm/scale"):
         export.export_llava(wrong, module.cfg, tmp_path / "wrong", progress=False)
 
 
 def test_adapter_errors(tiny, tmp_path, capsys):
     root, _ = tiny
     module, params = hf_io.from_hf(root / "converted", lora=LORA, lora_key=jax.random.PRNGKey(10))
-    export.save_adapter(params, LORA, tmp_path / "a")  # no base recorded
+    lora_adapter.save_adapter(params, LORA, tmp_path / "a")  # no base recorded
     assert export_hf.main(["--ckpt", str(tmp_path / "a"), "--dst", str(tmp_path / "o"), "--quiet"]) == 1
     assert "pass --base" in capsys.readouterr().err
 
-    meta = json.loads((tmp_path / "a" / export.ADAPTER_CONFIG).read_text())
-    (tmp_path / "a" / export.ADAPTER_CONFIG).write_text(json.dumps({**meta, "rank": 8}))
-    with pytest.raises(export.ExportError, match=r"language_model/layers_0/mlp/down_proj/lora_a: shape \(64, 4\), "
+    meta = json.loads((tmp_path / "a" / lora_adapter.ADAPTER_CONFIG).read_text())
+    (tmp_path / "a" / lora_adapter.ADAPTER_CONFIG).write_text(json.dumps({**meta, "rank": 8}))
+    with pytest.raises(ExportError, match=r"language_model/layers_0/mlp/down_proj/lora_a: shape \(64, 4\), "
                                                  r"expected \[in, 8\]"):
-        export.load_adapter(tmp_path / "a")
+        lora_adapter.load_adapter(tmp_path / "a")
 
     # an adapter that does not fit the model: every mismatching tensor named
     bad = jax.tree.map(lambda x: x, params)
     bad["language_model"]["layers_1"]["mlp"]["up_proj"]["lora_a"] = jnp.zeros((7, 4))
     del bad["language_model"]["layers_0"]["self_attn"]["k_proj"]["lora_b"]
-    export.save_adapter(bad, LORA, tmp_path / "b")
+    lora_adapter.save_adapter(bad, LORA, tmp_path / "b")
     _, base = hf_io.from_hf(root / "converted")
-    with pytest.raises(export.ExportError) as err:
-        export.apply_adapter(base, export.load_adapter(tmp_path / "b"))
+    with pytest.raises(ExportError) as err:
+        lora_adapter.apply_adapter(base, lora_adapter.load_adapter(tmp_path / "b"))
     msg = str(err.value)
     assert "language_model/layers_1/mlp/up_proj/lora_a: shape (7, 4), the model needs (32, 4)" in msg
     assert "language_model/layers_0/self_attn/k_proj: adapter lacks ['lora_b']" in msg

@@ -7,6 +7,7 @@ import PIL.ImageDraw
 import pytest
 
 from fisao_jax.data import image as img
+from fisao_jax.data.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig
 
 transformers = pytest.importorskip("transformers")
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil  # noqa: E402
@@ -31,7 +32,7 @@ LLAVA_HF_PREPROCESSOR_CONFIG = {
 
 def hf_llava(do_pad=True, size=336, crop=336, **kw):
     """transformers' LLaVA-1.5 image processor, built offline with explicit settings."""
-    settings = {"image_mean": list(img.OPENAI_CLIP_MEAN), "image_std": list(img.OPENAI_CLIP_STD), **kw}
+    settings = {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), **kw}
     return LlavaImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": crop, "width": crop}, resample=3,
         rescale_factor=1 / 255, do_pad=do_pad, **settings)
@@ -87,7 +88,7 @@ MODES = ["RGB", "L", "RGBA", "P", "P_transparent", "LA", "CMYK", "1"]
 @pytest.mark.parametrize("do_pad", [True, False])
 def test_matches_transformers_across_sizes_and_modes(height, width, do_pad):
     processor = hf_llava(do_pad=do_pad)
-    config = img.ImageConfig(pad_to_square=do_pad)
+    config = ImageConfig(pad_to_square=do_pad)
     picture = scene(height, width, seed=height * 7 + width)
     for mode in MODES:
         image = in_mode(picture, mode)
@@ -106,25 +107,25 @@ def test_one_pixel_image_by_hand():
     # A 1x1 image stays one colour through padding and resizing: (c / 255 - mean) / std.
     colour = (200, 10, 128)
     out = img.preprocess_image(PIL.Image.new("RGB", (1, 1), colour))
-    expected = [(c / 255 - m) / s for c, m, s in zip(colour, img.OPENAI_CLIP_MEAN, img.OPENAI_CLIP_STD)]
+    expected = [(c / 255 - m) / s for c, m, s in zip(colour, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
     np.testing.assert_allclose(out.reshape(3, -1), np.repeat(np.array(expected)[:, None], 336 * 336, 1), atol=1e-5)
 
 
 def test_pad_colour_is_llava_mean_colour():
     # A 1x4 white strip padded to 4x4: rows 0, 2, 3 are LLaVA's expand2square colour (122, 116, 104).
-    padded = img.pad_to_square(np.full((1, 4, 3), 255, np.uint8), img.ImageConfig().pad_color)
-    assert img.ImageConfig().pad_color == (122, 116, 104)
+    padded = img.pad_to_square(np.full((1, 4, 3), 255, np.uint8), ImageConfig().pad_color)
+    assert ImageConfig().pad_color == (122, 116, 104)
     assert padded.shape == (4, 4, 3)
     assert (padded[1] == 255).all() and (padded[[0, 2, 3]] == (122, 116, 104)).all()
 
 
 def test_small_synthetic_world_config_and_crop_larger_than_resize():
-    config = img.ImageConfig.from_dict({"size": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    config = ImageConfig.from_dict({"size": 64, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
     processor = hf_llava(size=64, crop=64, do_pad=True, image_mean=[0.5] * 3, image_std=[0.25] * 3)
     picture = scene(50, 90, seed=3)
     np.testing.assert_allclose(img.preprocess_image(picture, config), hf_pixels(processor, picture), atol=1e-5, rtol=0)
     # Crop bigger than the resized image: transformers zero-pads before normalising.
-    config = img.ImageConfig.from_dict({"size": 40, "crop_size": {"height": 48, "width": 56}, "do_pad": False})
+    config = ImageConfig.from_dict({"size": 40, "crop_size": {"height": 48, "width": 56}, "do_pad": False})
     processor = LlavaImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 48, "width": 56}, resample=3,
                                        do_pad=False)
     out = img.preprocess_image(picture, config)
@@ -164,7 +165,7 @@ def test_exif_default_is_transformers_on_pil_images(tmp_path):
     rotated_jpeg(path)
     opened = PIL.Image.open(path)
     expected = hf_pixels(hf_llava(do_pad=False), opened)
-    config = img.ImageConfig(pad_to_square=False)
+    config = ImageConfig(pad_to_square=False)
     np.testing.assert_allclose(img.preprocess_image(PIL.Image.open(path), config), expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(img.preprocess_image(path, config), expected, atol=1e-5, rtol=0)
 
@@ -176,32 +177,32 @@ def test_exif_and_alpha_drop_option_is_transformers_on_path_strings(tmp_path):
     translucent = tmp_path / "translucent.png"
     in_mode(scene(70, 50, seed=2), "RGBA").save(translucent)
     processor = hf_llava(do_pad=False)
-    config = img.ImageConfig(pad_to_square=False, exif_transpose=True, alpha="drop")
+    config = ImageConfig(pad_to_square=False, exif_transpose=True, alpha="drop")
     for path in (rotated, translucent):
         expected = hf_pixels(processor, str(path))
         np.testing.assert_allclose(img.preprocess_image(path, config), expected, atol=1e-5, rtol=0)
     # ... and the two options really change the result on these files.
-    default = img.ImageConfig(pad_to_square=False)
+    default = ImageConfig(pad_to_square=False)
     assert np.abs(img.preprocess_image(translucent, default) - img.preprocess_image(translucent, config)).max() > 0.1
     assert np.abs(img.preprocess_image(rotated, default) - img.preprocess_image(rotated, config)).max() > 0.1
 
 
 def test_from_hf_reads_llava_hf_file_and_matches_clip_processor(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(LLAVA_HF_PREPROCESSOR_CONFIG))
-    config = img.ImageConfig.from_hf(tmp_path)
+    config = ImageConfig.from_hf(tmp_path)
     assert not config.pad_to_square and config.size == 336 and config.crop == (336, 336)
     clip = CLIPImageProcessorPil(**{k: v for k, v in LLAVA_HF_PREPROCESSOR_CONFIG.items()
                                     if k not in ("image_processor_type", "processor_class")})
     picture = scene(300, 520, seed=4)
     np.testing.assert_allclose(img.preprocess_image(picture, config), hf_pixels(clip, picture), atol=1e-5, rtol=0)
-    padded = img.ImageConfig.from_hf(tmp_path / "preprocessor_config.json", pad_to_square=True)
+    padded = ImageConfig.from_hf(tmp_path / "preprocessor_config.json", pad_to_square=True)
     np.testing.assert_allclose(img.preprocess_image(picture, padded), hf_pixels(hf_llava(), picture), atol=1e-5)
 
 
 def test_from_hf_reads_a_file_written_by_transformers(tmp_path):
     processor = hf_llava(size=48, crop=32, do_pad=True, image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.6, 0.7])
     processor.save_pretrained(tmp_path)
-    config = img.ImageConfig.from_hf(tmp_path)
+    config = ImageConfig.from_hf(tmp_path)
     assert config.pad_to_square and config.size == 48 and config.crop == (32, 32)
     picture = scene(64, 100, seed=8)
     np.testing.assert_allclose(img.preprocess_image(picture, config), hf_pixels(processor, picture), atol=1e-5, rtol=0)
@@ -209,18 +210,18 @@ def test_from_hf_reads_a_file_written_by_transformers(tmp_path):
 
 def test_bad_configs_and_files_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown key 'sise'"):
-        img.ImageConfig.from_dict({"sise": 64})
+        ImageConfig.from_dict({"sise": 64})
     with pytest.raises(ValueError, match="mean needs 3 values"):
-        img.ImageConfig(mean=(0.5,))
+        ImageConfig(mean=(0.5,))
     bad_json = tmp_path / "preprocessor_config.json"
     bad_json.write_text('{"size": 336,\n "crop_size": }')
     with pytest.raises(ValueError, match=r"preprocessor_config.json: invalid JSON at line 2"):
-        img.ImageConfig.from_hf(tmp_path)
+        ImageConfig.from_hf(tmp_path)
     bad_json.write_text(json.dumps({"image_processor_type": "LlavaNextImageProcessor"}))
     with pytest.raises(ValueError, match="LlavaNextImageProcessor"):
-        img.ImageConfig.from_hf(bad_json)
+        ImageConfig.from_hf(bad_json)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        img.ImageConfig.from_hf(tmp_path / "nowhere")
+        ImageConfig.from_hf(tmp_path / "nowhere")
     with pytest.raises(img.ImageLoadError, match="missing.jpg"):
         img.preprocess_image(tmp_path / "missing.jpg")
     truncated = tmp_path / "truncated.jpg"

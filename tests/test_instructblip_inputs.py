@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import hf_tiny  # noqa: E402
 from fisao_jax.data import instructblip_inputs as I  # noqa: E402
-from fisao_jax.data.image import ImageConfig  # noqa: E402
+from fisao_jax.data.image_config import ImageConfig  # noqa: E402
 from fisao_jax.data.tokenizer import train_tokenizer  # noqa: E402
 
 WORDS = "a cat sits on the table near two dogs and describe this image in detail what is unusual about".split()

@@ -76,7 +76,7 @@ def test_one_fisao_iteration_on_llava_instruct_and_coco(tmp_path):
     assert summary["iterations"] == 1
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["nonfinite/skipped"] == 0.0 and np.isfinite(row["loss/policy_avg"])
-    from fisao_jax.export import is_adapter, load_adapter
+    from fisao_jax.lora_adapter import is_adapter, load_adapter
     adapter = load_adapter(tmp_path / "run" / "adapter")
     assert is_adapter(tmp_path / "run" / "adapter") and adapter.lora.rank == 4
     assert any(np.abs(v).max() > 0 for p, v in adapter.tensors.items() if p[-1] == "lora_b")  # trained

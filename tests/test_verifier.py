@@ -9,7 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 from fisao_jax.models import hf_io
 from fisao_jax.data.tokenizer import train_tokenizer  # noqa: E402
 from fisao_jax.rewards import verifier  # noqa: E402
-from fisao_jax.rewards.entities import vocab_from_names  # noqa: E402
+from fisao_jax.rewards.entities_build import vocab_from_names  # noqa: E402
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans  # noqa: E402
 
 TEXTS = ["a photo of a dog.", "a photo of a hot dog.", "a red kite and two cups on a table.",

@@ -16,7 +16,7 @@ from fisao_jax.methods.csr_search import sentence_end_table
 from fisao_jax.params import merge_params, split_params
 from fisao_jax.policy import token_mean_nll
 from fisao_jax.train_state import TrainState
-from fisao_jax.rewards.entities import vocab_from_names
+from fisao_jax.rewards.entities_build import vocab_from_names
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans
 from test_dpo import MODEL, tiny_llava, tiny_pairs
 

@@ -23,11 +23,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from fisao_jax import packaged  # noqa: E402
-from fisao_jax.rewards import entities  # noqa: E402
+from fisao_jax.rewards import entities, entities_build  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = entities.ExpansionOptions()
+    defaults = entities_build.ExpansionOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco", type=pathlib.Path, default=packaged.path(packaged.COCO_CATEGORIES),
                    help="JSON list of COCO category names (default: the packaged list, %(default)s)")
@@ -60,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def options_from_args(args: argparse.Namespace) -> entities.ExpansionOptions:
+def options_from_args(args: argparse.Namespace) -> entities_build.ExpansionOptions:
     """ExpansionOptions from the preset with command-line overrides."""
-    options = entities.PAPER_OPTIONS if args.preset == "paper" else entities.ExpansionOptions()
+    options = entities_build.PAPER_OPTIONS if args.preset == "paper" else entities_build.ExpansionOptions()
     changes = {}
     if args.no_inflections:
         changes["inflections"] = False
@@ -87,8 +87,8 @@ def options_from_args(args: argparse.Namespace) -> entities.ExpansionOptions:
 def main(argv=None) -> None:
     args = parse_args(argv)
     options = options_from_args(args)
-    categories = entities.read_categories(args.coco, args.lvis)
-    vocab = entities.build_entity_vocab(categories, options, progress=True)
+    categories = entities_build.read_categories(args.coco, args.lvis)
+    vocab = entities_build.build_entity_vocab(categories, options, progress=True)
     # Recorded relative to the repository so that the output does not depend on the checkout path.
     shown = [_relative(a) for a in (sys.argv[1:] if argv is None else argv)]
     metadata = dict(vocab.metadata)

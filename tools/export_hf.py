@@ -4,7 +4,7 @@
                               [--dtype float16|bfloat16|float32] [--max_shard_size 5GB] [--overwrite]
 
 --ckpt is either an adapter folder (`adapter.safetensors` + `fisao_adapter.json`, written by
-`fisao_jax.export.save_adapter`), whose base weights come from --base (default: the base
+`fisao_jax.lora_adapter.save_adapter`), whose base weights come from --base (default: the base
 recorded in the adapter), or a model folder (written by tools/convert_hf.py, or a Hugging
 Face LLaVA folder). --base also supplies the tokenizer and processor files to copy (default:
 the model folder). The output folder holds safetensors in the llava-hf key layout, sharded
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fisao_jax import export
+    from fisao_jax.lora_adapter import ExportError
     from fisao_jax.models import hf_io
 
     try:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         summary = export.export_llava(params, cfg, args.dst, tokenizer_dir=tok_dir, dtype=args.dtype,
                                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
                                       progress=not args.quiet)
-    except (export.ExportError, hf_io.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ExportError, hf_io.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     lora = f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha:g} merged" if cfg.lora.rank else "no LoRA"

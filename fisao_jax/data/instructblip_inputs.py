@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fisao_jax.data.image import ImageConfig, ImageInput, preprocess_batch
+from fisao_jax.data.image import ImageInput, preprocess_batch
+from fisao_jax.data.image_config import ImageConfig
 
 LAYOUTS = ("left", "processor")
 

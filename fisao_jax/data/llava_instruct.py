@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from fisao_jax.data import image as image_lib
+from fisao_jax.data.image_config import ImageConfig
 from fisao_jax.data.prompts import VICUNA_V1_SYSTEM, encode_prompts, format_prompt, strip_image_placeholder
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def load_llava_instruct(source: str | os.PathLike, coco_root: str | os.PathLike,
 
 
 def encode_batch(records: Sequence[PromptRecord], tokenizer, image_token_id: int, num_image_tokens: int,
-                 max_len: int | None, image_config: image_lib.ImageConfig = image_lib.ImageConfig(),
+                 max_len: int | None, image_config: ImageConfig = ImageConfig(),
                  system: str | None = VICUNA_V1_SYSTEM, num_workers: int = 0) -> dict[str, np.ndarray]:
     """Model inputs for a batch of records, as `transformers.LlavaProcessor` would give them.
 

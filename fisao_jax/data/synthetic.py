@@ -11,7 +11,8 @@ datasets of different sizes share their prefix and splits never share a random s
     data["captions"]         # biased captions (SFT targets)
     data["gt_objects"]       # frozenset of class names per scene
 
-Rendering lives in `synthetic_scenes`, captions in `synthetic_captions`.
+Object classes and their shapes live in `synthetic_shapes`, layout and rendering in
+`synthetic_scenes`, captions in `synthetic_captions`.
 """
 from __future__ import annotations
 
@@ -30,9 +31,6 @@ from fisao_jax.data.synthetic_captions import (  # noqa: F401  (re-exported API)
     plural,
 )
 from fisao_jax.data.synthetic_scenes import (  # noqa: F401  (re-exported API)
-    CLASS_NAMES,
-    CLASS_SPECS,
-    COLOURS,
     DEFAULT_COOCCURRENCE,
     GRID,
     POSITION_PHRASES,
@@ -42,6 +40,7 @@ from fisao_jax.data.synthetic_scenes import (  # noqa: F401  (re-exported API)
     cell_geometry,
     sample_scene,
 )
+from fisao_jax.data.synthetic_shapes import CLASS_NAMES, CLASS_SPECS, COLOURS  # noqa: F401  (re-exported API)
 
 PROMPTS: tuple[str, ...] = (
     "Describe this image.",

@@ -16,7 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from fisao_jax.data.synthetic_scenes import CLASS_SPECS, GRID, POSITION_PHRASES, Scene, WorldConfig
+from fisao_jax.data.synthetic_scenes import GRID, POSITION_PHRASES, Scene, WorldConfig
+from fisao_jax.data.synthetic_shapes import CLASS_SPECS
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fisao_jax import ppo
 from fisao_jax.config_checks import ConfigError
-from fisao_jax.export import save_adapter
+from fisao_jax.lora_adapter import save_adapter
 from fisao_jax.params import merge_params, split_params
 from fisao_jax.run.frame import MethodRun, evaluate, finish_run, start_run
 from fisao_jax.run.log import MetricsLog, NonFiniteGuard

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from fisao_jax.data.image import ImageConfig, normalization_table
+from fisao_jax.data.image import normalization_table
+from fisao_jax.data.image_config import ImageConfig
 from fisao_jax.data.synthetic import GRID, WorldConfig
 
 PRETRAIN_SPLIT = "pretrain"
