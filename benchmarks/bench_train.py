@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         roll = jax.block_until_ready(setup.rollout_fn(params, b, key))
         t1 = time.perf_counter()
-        s = jax.block_until_ready(steps.score(params, setup.vstate, rp, b, roll.tokens, roll.mask, None))
+        s = jax.block_until_ready(steps.score(params, setup.vstate, rp, b, roll.tokens, roll.mask, key, None))
         t2 = time.perf_counter()
         ppo_batch = dict(b, tokens=roll.tokens, mask=roll.mask, old_logp=s["old_logp"], old_values=s["old_values"],
                          advantages=s["advantages"], returns=s["returns"])

@@ -131,7 +131,7 @@ def measure_ppo_iteration(tokenizer, policy: str, clip_module, clip_params, text
     first = {"rollout": time.perf_counter() - t0}
 
     def run_score():
-        return jax.block_until_ready(score(params, vstate, rp, dev, roll.tokens, roll.mask, None))
+        return jax.block_until_ready(score(params, vstate, rp, dev, roll.tokens, roll.mask, jax.random.PRNGKey(2), None))
 
     t0 = time.perf_counter()
     scored = run_score()

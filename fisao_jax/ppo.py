@@ -285,7 +285,7 @@ def ppo_loss_fn(policy_fn: PolicyFn, *, clip_eps: float, clip_eps_value: float, 
 def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation, *,
                     ppo_epochs: int, num_minibatches: int, clip_eps: float = 0.2,
                     clip_eps_value: float = 0.2, vf_coef: float = 0.1, ent_coef: float = 0.0,
-                    batch_shards: int = 1, use_value: bool = True) -> Callable:
+                    use_value: bool = True) -> Callable:
     """Pure `update(state: TrainState, frozen, batch, key) -> (state, metrics)`: ppo_epochs x
     shuffled minibatches, one optimizer step each (`fisao_jax.update.make_minibatch_update`;
     jit it with the caller's shardings).
@@ -294,11 +294,12 @@ def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation
     (entropy optional when ent_coef == 0; values unused when `use_value` is False) evaluates
     the current policy on a minibatch with the full merged params. batch: dict of arrays with
     leading dim B, holding what policy_fn needs plus `old_logp`, `old_values`, `advantages`
-    (already whitened), `returns` and `mask`, all [B, N]. key: epoch e shuffles the batch
-    (within each of the `batch_shards` blocks) with a permutation drawn from split(key)[e].
+    (already whitened), `returns` and `mask`, all [B, N]. key: epoch e shuffles the batch with
+    permutations drawn from split(key)[e] (`fisao_jax.update.minibatches`: the same on any mesh).
 
     Metrics: means over epochs x minibatches named as in TRL, `optim/grad_norm*`,
-    `val/ratio_var`, `val/var_explained` and `finite` (False: the state is returned unchanged).
+    `val/ratio_var`, `val/var_explained`, `policy/approxkl_first_minibatch` (the first step's,
+    taken before any change of the policy) and `finite` (False: the state is returned unchanged).
     """
     ppo_epochs, num_minibatches = int(ppo_epochs), int(num_minibatches)
     if ppo_epochs < 1 or num_minibatches < 1:
@@ -309,7 +310,7 @@ def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation
     loss_fn = ppo_loss_fn(policy_fn, clip_eps=clip_eps, clip_eps_value=clip_eps_value, vf_coef=vf_coef,
                           ent_coef=ent_coef, use_value=use_value)
     core = make_minibatch_update(loss_fn, optimizer, num_minibatches=num_minibatches, epochs=ppo_epochs,
-                                 shuffle=True, batch_shards=batch_shards)
+                                 shuffle=True)
 
     def update(state, frozen, batch: dict, key: jax.Array):
         check_batch(batch)
@@ -317,6 +318,8 @@ def make_ppo_update(policy_fn: PolicyFn, optimizer: optax.GradientTransformation
                                                           batch, key)
         ratios = stats["val/ratio"]
         metrics["val/ratio_var"] = jnp.var(ratios, ddof=1) if ratios.size > 1 else jnp.zeros_like(ratios[0])
+        # before any step: 0 when old_logp came from this same computation (fisao_jax.scoring)
+        metrics["policy/approxkl_first_minibatch"] = stats["policy/approxkl_avg"][0]
         if use_value:
             metrics["val/var_explained"] = 1.0 - metrics["val/error"] / metrics["ppo/returns/var"]
         return state.replace(trainable=trainable, opt_state=opt_state, step=step), metrics

@@ -10,10 +10,11 @@ minibatches (shuffled per epoch when `shuffle`), one optimizer step per minibatc
 one `lax.scan`. Gradients reach `trainable` only; `frozen` (the base model) is read, never
 copied into the optimizer state.
 
-Rows and shards. With `batch_shards = S` (the mesh's batch shards), the batch's rows are S
-contiguous blocks, one per shard. Minibatches and the shuffle stay inside the blocks:
-minibatch m takes the same number of rows from every block, so a sharded batch is never
-moved between devices.
+Rows, minibatches and shards. The B rows are B / M groups of M consecutive rows; minibatch m
+takes one row of every group, and the per-epoch shuffle permutes the rows inside each group.
+A mesh's batch shard holds whole groups (when B / M divides by its shard count), so slicing
+and shuffling never move a row between devices, and the minibatches and their order are the
+same on any mesh: a run on 8 devices updates exactly as a run on one.
 
 Weights. An optional `weight` [B] entry marks padding rows (0): a minibatch whose weights are
 all 0 changes nothing, and metrics are averaged over minibatches by their total weight.
@@ -52,38 +53,65 @@ def grad_norms(grads: Any) -> dict:
     return out
 
 
-def minibatches(batch: dict, num_minibatches: int, batch_shards: int, key: jax.Array | None) -> dict:
-    """[M, B / M, ...] stacked minibatches of a batch of B rows: minibatch m holds rows
-    m*k .. (m+1)*k - 1 of every shard's block (k = B / (S M)), after a per-block permutation
-    drawn from `key` (None: no shuffle)."""
+def group_permutations(key: jax.Array | None, size: int, num_minibatches: int) -> jax.Array | None:
+    """[B / M, M] the per-group row permutations of an epoch (None without a key)."""
+    if key is None:
+        return None
+    if size % num_minibatches:
+        raise ValueError(f"minibatch update: batch size {size} is not divisible by num_minibatches={num_minibatches}")
+    return jax.vmap(lambda k: jax.random.permutation(k, num_minibatches))(jax.random.split(key, size // num_minibatches))
+
+
+def epoch_keys(key: jax.Array, epochs: int) -> jax.Array:
+    """The shuffle key of each epoch, as the update draws them."""
+    return jax.random.split(key, epochs)
+
+
+def minibatches(batch: dict, num_minibatches: int, key: jax.Array | None) -> dict:
+    """[M, B / M, ...] stacked minibatches of a batch of B rows: minibatch m holds row
+    g * M + perm_g(m) of every group g (see the module docstring), perm_g drawn from `key`
+    (None: the identity, minibatch m = rows m, M + m, 2M + m, ...)."""
     size = jax.tree.leaves(batch)[0].shape[0]
-    s, m = batch_shards, num_minibatches
-    if size % (s * m):
-        raise ValueError(f"minibatch update: batch size {size} is not divisible by num_minibatches={m} "
-                         f"x batch shards={s}")
-    k = size // (s * m)
+    m = num_minibatches
+    if size % m:
+        raise ValueError(f"minibatch update: batch size {size} is not divisible by num_minibatches={m}")
+    groups = size // m
+    perms = group_permutations(key, size, m)
 
     def split(x):
-        blocks = x.reshape((s, size // s) + x.shape[1:])
-        if key is not None:
-            perms = jax.vmap(lambda kk: jax.random.permutation(kk, size // s))(jax.random.split(key, s))
-            blocks = jax.vmap(lambda blk, p: jnp.take(blk, p, axis=0))(blocks, perms)
-        blocks = blocks.reshape((s, m, k) + x.shape[1:])
-        return jnp.swapaxes(blocks, 0, 1).reshape((m, s * k) + x.shape[1:])
+        x = x.reshape((groups, m) + x.shape[1:])
+        if perms is not None:
+            x = jax.vmap(lambda g, p: jnp.take(g, p, axis=0))(x, perms)
+        return jnp.swapaxes(x, 0, 1)
 
     return jax.tree.map(split, batch)
 
 
+def unminibatch(stacked: Any, key: jax.Array | None) -> Any:
+    """Inverse of `minibatches`: [M, B / M, ...] leaves back to [B, ...] in the batch's row order."""
+    m, groups = jax.tree.leaves(stacked)[0].shape[:2]
+    perms = group_permutations(key, m * groups, m)
+    inverse = None if perms is None else jnp.argsort(perms, axis=1)
+
+    def join(x):
+        x = jnp.swapaxes(x, 0, 1)  # [B/M, M, ...]
+        if inverse is not None:
+            x = jax.vmap(lambda g, p: jnp.take(g, p, axis=0))(x, inverse)
+        return x.reshape((m * groups,) + x.shape[2:])
+
+    return jax.tree.map(join, stacked)
+
+
 def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, num_minibatches: int,
-                          epochs: int = 1, shuffle: bool = False, batch_shards: int = 1):
+                          epochs: int = 1, shuffle: bool = False):
     """See the module docstring. `key` may be None when `shuffle` is False.
 
     Returns metrics = the stats averaged over all steps (weighted), `optim/grad_norm*`, and
     'finite'; `stats` = the per-step stats stacked [epochs * num_minibatches]."""
-    num_minibatches, epochs, batch_shards = int(num_minibatches), int(epochs), int(batch_shards)
-    if num_minibatches < 1 or epochs < 1 or batch_shards < 1:
-        raise ValueError(f"make_minibatch_update: num_minibatches ({num_minibatches}), epochs ({epochs}) and "
-                         f"batch_shards ({batch_shards}) must be >= 1")
+    num_minibatches, epochs = int(num_minibatches), int(epochs)
+    if num_minibatches < 1 or epochs < 1:
+        raise ValueError(f"make_minibatch_update: num_minibatches ({num_minibatches}) and epochs ({epochs}) "
+                         f"must be >= 1")
 
     def objective(trainable, frozen, mb):
         return loss_fn(merge_params(trainable, frozen), mb)
@@ -105,10 +133,10 @@ def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformati
                      finite), (stats, weight.astype(jnp.float32)))
 
         def epoch_step(carry, epoch_key):
-            mbs = minibatches(batch, num_minibatches, batch_shards, epoch_key if shuffle else None)
+            mbs = minibatches(batch, num_minibatches, epoch_key if shuffle else None)
             return lax.scan(minibatch_step, carry, mbs)
 
-        keys = jax.random.split(key, epochs) if shuffle else jnp.zeros((epochs, 2), jnp.uint32)
+        keys = epoch_keys(key, epochs) if shuffle else jnp.zeros((epochs, 2), jnp.uint32)
         (new_trainable, new_opt, new_step, finite), (stats, weights) = lax.scan(
             epoch_step, (trainable, opt_state, step, jnp.bool_(True)), keys)
         stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)

@@ -167,7 +167,8 @@ def test_update_is_sgd_on_the_reference_gradient_minibatch_by_minibatch():
     assert bool(metrics["finite"]) and int(new.step) == 2
 
     trainable = state.trainable
-    for half in (slice(0, 2), slice(2, 4)):  # minibatches in order, each one SGD step
+    # minibatch m = rows m, M + m, ... (fisao_jax.update.minibatches), in order, each one SGD step
+    for half in (np.array([0, 2]), np.array([1, 3])):
         g = _reference_grad(trainable, frozen, {k: v[half] for k, v in b.items()}, jnp.asarray(ref_c[half]),
                             jnp.asarray(ref_r[half]), jnp.asarray(weight[half]))
         trainable = jax.tree.map(lambda p, gr: p - LR * gr, trainable, g)
@@ -182,14 +183,14 @@ def test_update_gradient_matches_finite_differences_of_the_numpy_loss():
     _, params = tiny_llava(seed=4)
     b = tiny_pairs(seed=5)
     ref_c, ref_r = np.array([-20.0, -15.0, -12.0, -9.0]), np.array([-18.0, -17.0, -14.0, -9.0])
-    weight = np.array([1.0, 1.0, 0.0, 0.0])  # second minibatch empty: the update is one SGD step on the first
+    weight = np.array([1.0, 0.0, 1.0, 0.0])  # minibatch 1 (rows 1, 3) empty: one SGD step on rows 0, 2
     state, frozen = _state(params)
     new, _ = _update(state, frozen, _batch(b, ref_c, ref_r, weight))
     grad = jax.tree.map(lambda a, c: (a - c) / LR, state.trainable, new.trainable)
 
     def numpy_loss(trainable):  # our sequence log-probs, the loss in NumPy
-        c, r = (np.asarray(x, np.float64)[:2] for x in _pair_logprobs(merge_params(trainable, frozen), b))
-        return numpy_dpo(c, r, ref_c[:2], ref_r[:2], BETA, weight[:2])[0]
+        c, r = (np.asarray(x, np.float64)[[0, 2]] for x in _pair_logprobs(merge_params(trainable, frozen), b))
+        return numpy_dpo(c, r, ref_c[[0, 2]], ref_r[[0, 2]], BETA, weight[[0, 2]])[0]
 
     keys = iter(jax.random.split(jax.random.PRNGKey(9), 1000))
     direction = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), state.trainable)

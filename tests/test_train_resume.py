@@ -1,5 +1,6 @@
-"""End-to-end trainer runs on a tiny random world: kill -9 and resume equals an uninterrupted
-run; refusing to start over existing work; a corrupt checkpoint is a clear error."""
+"""End-to-end trainer runs on a tiny random world: kill -9 and resume (on a 2-device mesh)
+equals an uninterrupted run; refusing to start over existing work; a corrupt checkpoint is a
+clear error."""
 import json
 import os
 import pathlib
@@ -33,12 +34,16 @@ def _cmd(paths, baseline, workdir, iterations):
             "--config.synthetic.num_train_prompts=64", "--config.eval.num_images=8", "--config.eval.batch_size=8",
             "--config.eval.max_new_tokens=4", "--config.rollout.max_new_tokens=24", "--config.train.batch_size=16",
             f"--config.train.num_iterations={iterations}", "--config.train.checkpoint_every=1",
-            "--config.train.keep_checkpoints=20", "--config.ppo.lr=0.003"]
+            "--config.train.keep_checkpoints=20", "--config.ppo.lr=0.003",
+            # random tiny models rarely spell an entity word: the sentence-level reward gives the
+            # update a signal, so that the adapters move
+            "--config.reward.kind=sentence"]
 
 
-def _env(cache):
+def _env(cache, devices: int = 1):
+    flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
 
 
 def _metrics(workdir):
@@ -56,8 +61,9 @@ def _final_lora(workdir, step):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(world, tmp_path):
+    """On a 2-device mesh: the restored state must land on the mesh's layout, as a fresh one."""
     paths, baseline, root = world
-    env = _env(root / "jax_cache")
+    env = _env(root / "jax_cache_2dev", devices=2)
     n = 8
     straight = tmp_path / "straight"
     subprocess.run(_cmd(paths, baseline, straight, n), cwd=ROOT, env=env, check=True, capture_output=True)
@@ -84,8 +90,9 @@ def test_kill_and_resume_equals_uninterrupted_run(world, tmp_path):
     import jax
     for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # training moved the adapters: the comparison is not between two untouched inits
-    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(la))
+    # training moved the adapters (B starts at 0): the comparison is not between two untouched inits
+    moved = jax.tree_util.tree_leaves_with_path(la)
+    assert any(np.abs(np.asarray(x)).max() > 0 for p, x in moved if str(p[-1].key) == "lora_b")
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["iterations"] == n and "CHAIRi" in summary["after"]
 

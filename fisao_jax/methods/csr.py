@@ -139,8 +139,7 @@ def train(config, workdir) -> dict:
     ctx = make_search_context(setup, config)
     keys = setup.batch_keys
     pair_keys = dpo_lib.PAIR_KEYS + tuple(setup.module.image_input_keys)
-    update = dpo_lib.make_dpo_update(setup.module, optimizer, beta=d.beta, num_minibatches=d.num_minibatches,
-                                     batch_shards=layout.batch_shards)
+    update = dpo_lib.make_dpo_update(setup.module, optimizer, beta=d.beta, num_minibatches=d.num_minibatches)
     shardings, b, r = layout.of(state), layout.batch, layout.replicated
     step = layout.jit(lambda s, fz, batch: s.apply(update, fz, batch, None),
                       in_shardings=(shardings, layout.of(frozen), b), out_shardings=(shardings, r))

@@ -83,9 +83,8 @@ def make_dpo_loss(model: VisionLanguageModel, beta: float):
 
 
 def make_dpo_update(model: VisionLanguageModel, optimizer: optax.GradientTransformation, *, beta: float,
-                    num_minibatches: int = 1, batch_shards: int = 1):
+                    num_minibatches: int = 1):
     """Pure `update(trainable, opt_state, step, frozen, batch, key)` of DPO on the trainable
     (LoRA) leaves: one optimizer step per minibatch of `batch` (P divisible by
-    num_minibatches x batch_shards). See `fisao_jax.update.make_minibatch_update`."""
-    return make_minibatch_update(make_dpo_loss(model, beta), optimizer, num_minibatches=num_minibatches,
-                                 batch_shards=batch_shards)
+    num_minibatches). See `fisao_jax.update.make_minibatch_update`."""
+    return make_minibatch_update(make_dpo_loss(model, beta), optimizer, num_minibatches=num_minibatches)

@@ -19,10 +19,12 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from fisao_jax import ppo
+from fisao_jax import update as update_lib
 from fisao_jax.config_checks import ConfigError
 from fisao_jax.lora_adapter import save_adapter
 from fisao_jax.params import merge_params, split_params
@@ -61,7 +63,7 @@ class Steps:
     """FiSAO's compiled steps for one setup."""
 
     optimizer: Any
-    score: Callable   # (params, vstate, reward_params, batch, tokens, mask, sentence_scores) -> dict
+    score: Callable   # (params, vstate, reward_params, batch, tokens, mask, shuffle_key, sentence_scores) -> dict
     update: Callable  # (state, frozen, ppo_batch, key) -> (state, metrics)
 
 
@@ -86,16 +88,16 @@ def make_steps(module, verifier, settings, layout, config, param_shardings: Any,
     p = config.ppo
     check_batch_shapes(config, layout.batch_shards)
     optimizer = make_optimizer_for(config)
-    score = make_score_fn(module, verifier, settings)
-    update = ppo.make_ppo_update(make_policy_fn(module, settings.temperature), optimizer,
+    policy_fn = make_policy_fn(module, settings.temperature)
+    score = make_score_fn(module, verifier, settings, policy_fn)
+    update = ppo.make_ppo_update(policy_fn, optimizer,
                                  ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, clip_eps=p.clip_eps,
-                                 clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-                                 batch_shards=layout.batch_shards)
+                                 clip_eps_value=p.clip_eps_value, vf_coef=p.vf_coef, ent_coef=p.ent_coef)
     b, r = layout.batch, layout.replicated
     score_out = {**{k: b for k in SCORE_OUTPUTS}, "metrics": r}
     return Steps(
         optimizer,
-        layout.jit(score, in_shardings=(param_shardings, vstate_shardings, r, b, b, b, b), out_shardings=score_out),
+        layout.jit(score, in_shardings=(param_shardings, vstate_shardings, r, b, b, b, r, b), out_shardings=score_out),
         layout.jit(update, in_shardings=(state_shardings, frozen_shardings, b, r), out_shardings=(state_shardings, r),
                    donate_argnums=(0,)))
 
@@ -110,6 +112,7 @@ def steps_for(setup: Setup, config, state, frozen) -> Steps:
 def initial_state(setup: Setup, config, optimizer) -> tuple[FisaoState, Any]:
     """(state, frozen) of a fresh run, laid out on the mesh."""
     trainable, frozen = split_params(setup.params)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the update donates the state: keep setup.params whole
     state = FisaoState(trainable=trainable, opt_state=init_opt_state(optimizer, trainable, setup.layout),
                        step=counter(), iteration=counter(), data_position=counter(),
                        rng=jax.random.PRNGKey(config.seed), nonfinite_total=counter(), nonfinite_streak=counter())
@@ -142,8 +145,9 @@ def iteration(run: MethodRun, steps: Steps, state: FisaoState, frozen, guard: No
     roll = jax.block_until_ready(setup.rollout_fn(params, dev, k_roll))
     t1 = time.time()
     sentence = sentence_scores(setup, setup.vstate, roll, dev) if config.reward.kind == "sentence" else None
+    shuffle_key = update_lib.epoch_keys(k_upd, config.ppo.ppo_epochs)[0]  # the update's first epoch
     scored = jax.block_until_ready(steps.score(params, setup.vstate, run.reward_params, dev, roll.tokens, roll.mask,
-                                               sentence))
+                                               shuffle_key, sentence))
     t2 = time.time()
     metrics = _host(scored["metrics"])
     finite = bool(np.isfinite(np.asarray(scored["rewards"])).all())

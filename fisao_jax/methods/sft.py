@@ -29,9 +29,7 @@ def make_sft_loss(model: VisionLanguageModel):
     return loss_fn
 
 
-def make_sft_update(model: VisionLanguageModel, optimizer: optax.GradientTransformation, num_minibatches: int = 1,
-                    batch_shards: int = 1):
+def make_sft_update(model: VisionLanguageModel, optimizer: optax.GradientTransformation, num_minibatches: int = 1):
     """Pure `update(trainable, opt_state, step, frozen, batch, key)`: one optimizer step per
     minibatch on the LoRA. See `fisao_jax.update.make_minibatch_update`."""
-    return make_minibatch_update(make_sft_loss(model), optimizer, num_minibatches=num_minibatches,
-                                 batch_shards=batch_shards)
+    return make_minibatch_update(make_sft_loss(model), optimizer, num_minibatches=num_minibatches)

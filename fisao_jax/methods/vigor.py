@@ -221,7 +221,7 @@ def train(config, workdir) -> dict:
     start = int(state.epoch)
     chunk = s.batch_size * s.num_minibatches
     data = pad_to_multiple(data, chunk)
-    update = make_sft_update(setup.module, optimizer, s.num_minibatches, batch_shards=layout.batch_shards)
+    update = make_sft_update(setup.module, optimizer, s.num_minibatches)
     shardings = layout.of(state)
     step = layout.jit(lambda st, fz, batch: st.apply(update, fz, batch, None),
                       in_shardings=(shardings, layout.of(frozen), layout.batch),

@@ -62,7 +62,7 @@ def sampling_configs(config: ml_collections.ConfigDict, task) -> tuple[SamplingC
 def score_settings(config: ml_collections.ConfigDict) -> ScoreSettings:
     return ScoreSettings(kind=config.reward.kind, kl_coef=config.reward.kl_coef, gamma=config.ppo.gamma,
                          lam=config.ppo.lam, whiten_advantages=config.ppo.whiten_advantages,
-                         temperature=config.rollout.temperature)
+                         temperature=config.rollout.temperature, num_minibatches=config.ppo.num_minibatches)
 
 
 def check_verifier_encoder(module, params, verifier_module, verifier_params, own: bool, tolerance: float) -> str:
