@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from fisao_jax import ppo
 from fisao_jax.models import configs as C
@@ -64,8 +63,9 @@ POLICY_FN = make_policy_fn(MODEL)
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_steps(n_tokens: int, kl_coef: float, lr: float):
-    """(rollout, score, update, optimizer), compiled once per setting."""
+def compiled_steps(n_tokens: int, kl_coef: float, lr):
+    """(rollout, score, update, optimizer), compiled once per setting; lr is a float or
+    (initial, final, steps) of a linear decay."""
     rollout = make_rollout(MODEL, SamplingConfig(max_new_tokens=n_tokens, temperature=1.0, eos_token_id=EOS,
                                                  pad_token_id=PAD, decode_chunk=0))
 
@@ -111,7 +111,7 @@ def kl_rows(p, q) -> np.ndarray:
     return np.sum(p * np.log(p / q), axis=-1)
 
 
-def train(n_tokens: int, kl_coef: float, iterations: int, batch_size: int, lr: float, seed: int = 0):
+def train(n_tokens: int, kl_coef: float, iterations: int, batch_size: int, lr, seed: int = 0):
     """PPO from a fresh LoRA (B = 0); returns (initial params, final params, per-iteration metrics)."""
     rollout, score, update, optimizer = compiled_steps(n_tokens, kl_coef, lr)
     params = init_params(TINY, jax.random.PRNGKey(seed))

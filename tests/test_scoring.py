@@ -189,7 +189,7 @@ def test_rewards_advantages_and_metrics_by_hand(case):
     out, vocab, mask = case["out"], case["vocab"], case["mask"]
     real = mask > 0
     lengths = mask.sum(1)
-    ids, _, scores = _expected_spans(vocab)
+    ids, _, _ = _expected_spans(vocab)
 
     # policy / reference log-probs and values: the teacher-forced passes the step starts from
     np.testing.assert_allclose(out["old_logp"], case["logp"], atol=1e-5)
