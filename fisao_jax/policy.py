@@ -65,7 +65,7 @@ def response_logprobs(model: VisionLanguageModel, params: Any, batch: dict, toke
 
     Returns {'logprobs' [B, N] (log pi(token_i | prompt, tokens_<i) under logits / temperature,
     0 where mask is 0), 'values' [B, N] (the value head at the position that predicts token i,
-    0 where mask is 0), 'entropy' [B, N] (only with `entropy=True`)}, all float32.
+    0 where mask is 0), 'entropy' [B, N] (only with `entropy=True`; 0 where mask is 0)}, all float32.
     `features` (from `image_features`) saves the vision pass when the caller already has it.
     The LM head runs on the response positions only."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -83,7 +83,7 @@ def response_logprobs(model: VisionLanguageModel, params: Any, batch: dict, toke
     result = {"logprobs": jnp.where(real, logprobs_from_logits(logits, tokens), 0.0),
               "values": jnp.where(real, out["values"][:, t - 1:-1], 0.0)}
     if entropy:
-        result["entropy"] = entropy_from_logits(logits)
+        result["entropy"] = jnp.where(real, entropy_from_logits(logits), 0.0)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Verifier scores against transformers' PyTorch CLIP on a tiny random checkpoint."""
+"""Verifier scores against transformers' PyTorch CLIP on a tiny random checkpoint; spans cut by
+the token budget."""
 import numpy as np
 import pytest
 
@@ -11,6 +12,8 @@ from fisao_jax.data.tokenizer import train_tokenizer  # noqa: E402
 from fisao_jax.rewards import verifier  # noqa: E402
 from fisao_jax.rewards.entities_build import vocab_from_names  # noqa: E402
 from fisao_jax.rewards.spans import build_span_table, find_entity_spans  # noqa: E402
+
+import hf_tiny  # noqa: E402
 
 TEXTS = ["a photo of a dog.", "a photo of a hot dog.", "a red kite and two cups on a table.",
          "there is a teddy bear next to a plate and a fork.", "the cat sat on the mat with a ball."] * 20
@@ -107,3 +110,96 @@ def test_bad_template_is_rejected(world):
     tok, _, module, params, _ = world
     with pytest.raises(ValueError, match="must contain"):
         verifier.entity_text_table(module, params, tok, ("dog",), template="a photo", progress=False)
+
+
+# ------------------------------------------------------------------ responses cut at the budget
+
+def test_cut_spans_by_hand():
+    """Only the span ending at the last slot of a row that used every slot without EOS goes."""
+    eos = 2
+    tokens = np.array([[7, 8, 9, 10],    # full, no EOS: cut
+                       [7, 8, 9, 2],     # full, ends with EOS: finished
+                       [7, 8, 0, 0],     # stopped before the budget: finished
+                       [7, 8, 9, 10],    # full, no EOS, but no span at the cut
+                       [0, 0, 0, 0]])    # empty
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    ids = np.array([[-1, 3, -1, 5],
+                    [-1, 3, 4, -1],
+                    [-1, 3, -1, -1],
+                    [-1, -1, 6, -1],
+                    [-1, -1, -1, -1]])
+    expected = np.array([[-1, 3, -1, -1],
+                         [-1, 3, 4, -1],
+                         [-1, 3, -1, -1],
+                         [-1, -1, 6, -1],
+                         [-1, -1, -1, -1]])
+    got = verifier.cut_spans(jnp.asarray(ids), jnp.asarray(tokens), jnp.asarray(mask), eos)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+CUT_TEXTS = ["a cat and a baseball bat.", "a caterpillar on a leaf.", "a baseball and a cat.",
+             "the cat sat with a baseball."] * 20
+
+
+@pytest.fixture(scope="module")
+def cut_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cut")
+    tok = train_tokenizer(CUT_TEXTS, root / "tok", vocab_size=320)
+    vocab = vocab_from_names(["cat", "baseball", "baseball bat"], plurals=False)
+    hf_tiny.save_clip(root / "clip")
+    module, params = hf_io.from_hf(root / "clip")
+    rng = np.random.RandomState(0)
+    table = rng.randn(len(vocab), module.cfg.projection_dim)
+    table /= np.linalg.norm(table, axis=-1, keepdims=True)
+    state = verifier.VerifierState(params, jnp.asarray(table, jnp.float32), build_span_table(tok, vocab))
+    return tok, vocab, table, state, verifier.Verifier(module, tok, eos_token_id=tok.eos_token_id)
+
+
+@pytest.mark.parametrize("text, form", [("a cat", "cat"), ("a cat and a baseball", "baseball")])
+def test_span_at_the_budget_is_dropped_and_kept_after_eos(cut_world, text, form):
+    """A response whose last token completes 'cat' / 'baseball' exactly at the token budget,
+    without EOS, may go on ('caterpillar', 'baseball bat'): that span gets no entity id and no
+    score. The same words followed by EOS (with the budget filled, or with room left) are
+    scored; so are the other spans of the cut response."""
+    tok, vocab, table, state, v = cut_world
+    words = tok(text, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    n = len(words)
+    rows = [(words, n),                       # cut: every slot used, no EOS
+            (words + [eos], n + 1),           # EOS in the last slot
+            (words + [eos], n + 3)]           # EOS with room left
+    emb = rng_unit(1, table.shape[1], seed=1)
+    for row_tokens, budget in rows:
+        tokens = np.full((1, budget), tok.pad_token_id, np.int32)
+        mask = np.zeros((1, budget), np.int32)
+        tokens[0, :len(row_tokens)], mask[0, :len(row_tokens)] = row_tokens, 1
+        out = v.verify(state, jnp.asarray(tokens), jnp.asarray(mask), None,
+                       image_emb=jnp.asarray(emb[:1, None], jnp.float32))
+        ids, scores = np.asarray(out.entity_id)[0], np.asarray(out.scores)[0]
+        cut = budget == n
+        # the mention ends at the last word token (index n - 1)
+        want_id = -1 if cut else vocab.entity_id(form)
+        assert ids[n - 1] == want_id, (row_tokens, budget, ids)
+        want_score = 0.0 if cut else 100 * float(table[vocab.entity_id(form)] @ emb[0])
+        assert scores[n - 1] == pytest.approx(want_score, abs=1e-3)
+        if form == "baseball":  # 'cat' (token 1) is inside the response: always scored
+            assert ids[1] == vocab.entity_id("cat")
+            assert scores[1] == pytest.approx(100 * float(table[vocab.entity_id("cat")] @ emb[0]), abs=1e-3)
+        assert (ids >= 0).sum() == (1 if form == "cat" else 2) - int(cut)
+
+
+def test_multiword_entity_completed_before_eos_is_one_span(cut_world):
+    """'baseball bat' then EOS: one span, the multi-word entity (what the cut rule protects)."""
+    tok, vocab, table, state, v = cut_world
+    words = tok("a baseball bat", add_special_tokens=False)["input_ids"]
+    tokens = np.asarray([words + [tok.eos_token_id]], np.int32)
+    out = v.verify(state, jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens)), None,
+                   image_emb=jnp.asarray(rng_unit(1, table.shape[1], seed=2)[:, None], jnp.float32))
+    ids = np.asarray(out.entity_id)[0]
+    assert [vocab.surface_forms[e] for e in ids if e >= 0] == ["baseball bat"]
+    assert ids[len(words) - 1] == vocab.entity_id("baseball bat")
+
+
+def rng_unit(n, d, seed):
+    x = np.random.RandomState(seed).randn(n, d)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)

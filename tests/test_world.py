@@ -232,10 +232,22 @@ def test_pretraining_losses_fall(built):
     assert sft_loss[0] > 0.8 * math.log(arts.load_tokenizer().__len__())
     assert np.mean(sft_loss[-5:]) < 0.7 * sft_loss[0]
     assert set(arts.metrics) == {"clip", "llava", "prior"}
-    # even the tiny CLIP ranks present classes above absent ones on held-out scenes
-    assert arts.metrics["clip"]["auc"] > 0.75
-    # the biased captions name an absent partner in about hallucination_rate of the cases
-    assert arts.metrics["prior"]["partner_cases"] > 0 and arts.metrics["prior"]["partner_rate"] > 0
+    # Even the tiny CLIP ranks present classes above absent ones on the 64 held-out scenes.
+    # Measured (two builds, 2-core CPU): AUC 0.913, partner AUC 0.840, mean score of present
+    # classes 55.1 vs 14.3 for absent ones. The bounds leave ~0.06 / 0.14 / 15 points for float
+    # rounding that differs between machines and grows over 80 training steps.
+    clip = arts.metrics["clip"]
+    assert clip["num_scenes"] == 64
+    assert clip["auc"] > 0.85, clip
+    assert clip["partner_auc"] > 0.7, clip
+    assert clip["mean_present"] - clip["mean_absent"] > 25, clip
+    # The biased captions name an absent partner in about hallucination_rate (0.5) of the cases:
+    # 4 of the 6 partner cases among the 16 evaluation scenes. Scenes and captions are NumPy
+    # draws from the seed (no float training involved), so the counts are exact.
+    prior = arts.metrics["prior"]
+    assert cfg.world.hallucination_rate == 0.5
+    assert (prior["num_captions"], prior["partner_cases"]) == (16, 6), prior
+    assert prior["partner_rate"] == pytest.approx(4 / 6), prior
 
 
 @pytest.mark.slow
