@@ -31,7 +31,7 @@ from fisao_jax.params import split_params
 from fisao_jax.placement import single_device_layout
 from fisao_jax.rewards import verifier as verifier_lib
 from fisao_jax.rewards.baseline import BaselineScores
-from fisao_jax.rewards.entities import vocab_from_names
+from fisao_jax.rewards.entities_build import vocab_from_names
 from fisao_jax.rewards.spans import build_span_table
 from fisao_jax.run import frame
 from fisao_jax.run.setup import Setup, score_settings
@@ -118,7 +118,7 @@ def world(tmp_path_factory):
 def setup_for(world, config) -> Setup:
     """The run's Setup with what the steps read (no task, no compiled rollouts). The params are
     a copy: the update donates the train state, whose trainable leaves are the setup's own
-    arrays (`initial_state` splits `setup.params` without copying)."""
+    arrays)."""
     layout = world.layout
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), world.params)
     return Setup(task=None, module=world.model, params=layout.put_replicated(params),
@@ -127,10 +127,16 @@ def setup_for(world, config) -> Setup:
                  score_settings=score_settings(config))
 
 
+def make_steps(setup, config):
+    """`fisao.make_steps` as the trainer calls it, everything on the one-device layout."""
+    r = setup.layout.replicated
+    return fisao.make_steps(setup.module, setup.verifier, setup.score_settings, setup.layout, config, r, r, r, r)
+
+
 def build(world, config):
     """(setup, steps) as the trainer builds them for `config`."""
     setup = setup_for(world, config)
-    return setup, fisao.make_steps(setup, config, setup.layout.replicated, setup.layout.replicated)
+    return setup, make_steps(setup, config)
 
 
 def run_scoring(world, config, built=None) -> dict:
@@ -141,7 +147,7 @@ def run_scoring(world, config, built=None) -> dict:
     put = lambda x: jax.device_put(x, setup.layout.batch)  # noqa: E731
     sentence = put(world.sentence_scores) if config.reward.kind == "sentence" else None
     out = steps.score(setup.params, setup.vstate, run.reward_params, dev, put(world.tokens), put(world.mask),
-                      sentence)
+                      jax.random.PRNGKey(0), sentence)
     return jax.device_get(out)
 
 
@@ -149,7 +155,7 @@ def run_update(world, config, scored, steps=None) -> dict:
     """The trainable parameters after one PPO update of a fresh state on the scored batch
     (a fresh setup each time: the update donates the state, made of the setup's arrays)."""
     setup = setup_for(world, config)
-    steps = steps or fisao.make_steps(setup, config, setup.layout.replicated, setup.layout.replicated)
+    steps = steps or make_steps(setup, config)
     state, frozen = fisao.initial_state(setup, config, steps.optimizer)
     dev = setup.put_batch(world.batch)
     put = lambda x: jax.device_put(jnp.asarray(x), setup.layout.batch)  # noqa: E731

@@ -21,7 +21,7 @@ from fisao_jax.models import configs as C
 from fisao_jax.models import hf_io
 from fisao_jax.models.llava import LlavaModel
 from fisao_jax.rewards import verifier as verifier_lib
-from fisao_jax.rewards.entities import vocab_from_names
+from fisao_jax.rewards.entities_build import vocab_from_names
 from fisao_jax.rewards.reward import RewardParams
 from fisao_jax.rewards.spans import build_span_table
 
@@ -148,7 +148,7 @@ def case(tmp_path_factory):
     score = jax.jit(scoring.make_score_fn(model, verifier, settings))
     rp = RewardParams.create(MARGIN, S_C, S_H, S_MIN, S_MAX)
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(pmask), "pixel_values": jnp.asarray(pixels)}
-    out = jax.device_get(score(params, vstate, rp, batch, jnp.asarray(tokens), jnp.asarray(mask)))
+    out = jax.device_get(score(params, vstate, rp, batch, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(0)))
 
     # reference log-probs and values: full forward passes (LoRA on / off), log-softmax in NumPy
     full_ids = np.concatenate([ids, tokens], axis=1)
