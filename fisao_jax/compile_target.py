@@ -147,12 +147,15 @@ class Job:
     prompt_len: int
 
 
-def build_job(config, devices: list, layers: Optional[int] = None) -> Job:
+def build_job(config, devices: list, layers: Optional[int] = None, vision_layers: Optional[int] = None) -> Job:
     """The job of `config` on `devices` with abstract arguments (the policy's decoder cut to
-    `layers` layers when given)."""
+    `layers` layers, its vision tower to `vision_layers`, when given: same widths, shorter
+    compiles)."""
     cfg = model_config(config)
     if layers:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=int(layers)))
+    if vision_layers:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=int(vision_layers)))
     dtype = jnp.dtype(config.model.dtype)
     module = build_module(cfg, dtype=dtype, param_dtype=dtype, remat=config.model.remat)
     # frozen weights in the model dtype, adapters (and the value head) in float32, as from_hf loads them
@@ -164,6 +167,7 @@ def build_job(config, devices: list, layers: Optional[int] = None) -> Job:
     params = _sds(params, layout.params(params, sharding_lib.rules_for(cfg)))
 
     clip_cfg = C.clip_vit_large_patch14_336()
+    clip_cfg = dataclasses.replace(clip_cfg, vision=cfg.vision)  # the verifier's tower is the policy's
     vmodule = build_module(clip_cfg, dtype=dtype, param_dtype=dtype)
     vparams = abstract_params(clip_cfg, dtype)
     vparams = _sds(vparams, layout.params(vparams, sharding_lib.CLIP_RULES))
@@ -253,28 +257,31 @@ def compile_rollout(job: Job, hbm: int) -> Phase:
 
 def compile_scoring(job: Job, hbm: int) -> Phase:
     config, module, layout = job.config, job.module, job.layout
-    b, n = config.train.batch_size, config.rollout.max_new_tokens
+    b, n, m = config.train.batch_size, config.rollout.max_new_tokens, config.ppo.num_minibatches
     settings = score_settings(config)
-    steps = fisao.make_steps(module, job.verifier, settings, layout, config, jax.tree.map(lambda x: x.sharding, job.params),
-                             jax.tree.map(lambda x: x.sharding, job.vstate), _shardings(job.state),
-                             _shardings(job.frozen))
-    batch = _batch(job, b)
-    row = lambda dt: jax.ShapeDtypeStruct((b, n), dt, sharding=layout.batch)  # noqa: E731
+    steps = _steps(job, settings)
+    row = lambda dt, rows=b: jax.ShapeDtypeStruct((rows, n), dt, sharding=layout.batch)  # noqa: E731
     r = jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated)
-    rp = RewardParams(r, r, r, r, r)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=layout.replicated)
     sentence = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=layout.batch)
-    lowered = steps.score.lower(job.params, job.vstate, rp, batch, row(jnp.int32), row(jnp.int32), sentence)
+    lowered = steps.score.lower(job.params, job.vstate, RewardParams(r, r, r, r, r), _batch(job, b), row(jnp.int32),
+                                row(jnp.int32), key, sentence)
+    policy_fn = make_policy_fn(module, settings.temperature)
 
-    def ideal(params, vstate, batch, tokens, mask):
-        feats = image_features(module, params, batch)
-        pol = response_logprobs(module, params, batch, tokens, mask, features=feats)
-        ref = response_logprobs(module, params, batch, tokens, mask, features=feats, use_lora=False)
-        img = job.verifier.image_embeddings(vstate.params, batch["pixel_values"])
-        return pol, ref["logprobs"], img
+    def ideal(params, vstate, mb, pixels):  # the passes over one minibatch (the loop body), the verifier over all
+        pol = policy_fn(params, mb)
+        ref = response_logprobs(module, params, mb, mb["tokens"], mb["mask"], use_lora=False)
+        return pol["logp"], pol["values"], ref["logprobs"], job.verifier.image_embeddings(vstate.params, pixels)
 
-    ideal_lowered = layout.jit(ideal, out_shardings=layout.batch).lower(job.params, job.vstate, batch, row(jnp.int32),
-                                                                        row(jnp.int32))
+    mb = dict(_batch(job, b // m), tokens=row(jnp.int32, b // m), mask=row(jnp.int32, b // m))
+    ideal_lowered = layout.jit(ideal, out_shardings=layout.batch).lower(job.params, job.vstate, mb,
+                                                                        _batch(job, b)["pixel_values"])
     return _phase("scoring", job, hbm, lowered, ideal_lowered)
+
+
+def _steps(job: Job, settings) -> "fisao.Steps":
+    return fisao.make_steps(job.module, job.verifier, settings, job.layout, job.config, _shardings(job.params),
+                            _shardings(job.vstate), _shardings(job.state), _shardings(job.frozen))
 
 
 def compile_update(job: Job, hbm: int) -> Phase:
@@ -282,9 +289,7 @@ def compile_update(job: Job, hbm: int) -> Phase:
     p = config.ppo
     b, n = config.train.batch_size, config.rollout.max_new_tokens
     settings = score_settings(config)
-    steps = fisao.make_steps(module, job.verifier, settings, layout, config, jax.tree.map(lambda x: x.sharding, job.params),
-                             jax.tree.map(lambda x: x.sharding, job.vstate), _shardings(job.state),
-                             _shardings(job.frozen))
+    steps = _steps(job, settings)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=layout.replicated)
     lowered = steps.update.lower(job.state, job.frozen, _batch(job, b, n), key)
 
@@ -308,13 +313,24 @@ class _Task:
         self.eos_token_id, self.pad_token_id = cfg.text.eos_token_id, cfg.text.pad_token_id or 0
 
 
-def compile_job(config, target: Target, layers: Optional[int] = None, phases=("rollout", "scoring", "update"),
-                devices: Optional[list] = None) -> list[Phase]:
-    """Compile the job's phases for `target` (see the module docstring)."""
-    job = build_job(config, devices or target_devices(target), layers)
+PHASES = ("rollout", "scoring", "update")
+
+
+def compile_job(config, target: Target, layers: Optional[int] = None, vision_layers: Optional[int] = None,
+                phases=PHASES, devices: Optional[list] = None, progress=None) -> list[Phase]:
+    """Compile the job's phases for `target` (see the module docstring); `progress(name)` is
+    called before each phase."""
+    job = build_job(config, devices or target_devices(target), layers, vision_layers)
     hbm = int(target.hbm_gib * 2**30)
     fns = {"rollout": compile_rollout, "scoring": compile_scoring, "update": compile_update}
-    return [fns[name](job, hbm) for name in phases]
+    out = []
+    for name in phases:
+        if name not in fns:
+            raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        if progress is not None:
+            progress(name)
+        out.append(fns[name](job, hbm))
+    return out
 
 
 def step_seconds_lower_bound(phases: list[Phase], target: Target, config) -> float:

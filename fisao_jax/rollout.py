@@ -174,7 +174,10 @@ def decode(model: VisionLanguageModel, cfg: SamplingConfig, params: Any, input_i
     )
 
     def body(key_mask, s):
-        o = model.apply({"params": params}, s["token"][:, None], None, jnp.ones((b, 1), jnp.int32),
+        # Tie the weights to the loop: XLA would otherwise hoist their (FSDP) all-gathers out of it
+        # as loop-invariant and keep the whole gathered model in memory next to the KV cache.
+        p, s = jax.lax.optimization_barrier((params, s))
+        o = model.apply({"params": p}, s["token"][:, None], None, jnp.ones((b, 1), jnp.int32),
                         s["pos"][:, None], s["cache"], key_mask, use_lora=use_lora, method=model.forward)
         k, sub = jax.random.split(s["key"])
         tok, logp = sample_token(o["logits"][:, -1], sub, cfg, logprob_temperature)

@@ -52,8 +52,11 @@ def teacher_forced_passes(model: VisionLanguageModel, policy_fn, settings: Score
     rows = dict(batch, tokens=tokens, mask=mask)
 
     def one(mb):
-        pol = policy_fn(params, mb)
-        ref = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], temperature=settings.temperature,
+        # tie the weights to the loop: otherwise their (FSDP) all-gathers are hoisted out of it
+        # as loop-invariant, and the whole gathered model stays in memory
+        p, mb = jax.lax.optimization_barrier((params, mb))
+        pol = policy_fn(p, mb)
+        ref = response_logprobs(model, p, mb, mb["tokens"], mb["mask"], temperature=settings.temperature,
                                 use_lora=False)
         return {"logp": pol["logp"], "values": pol["values"], "ref_logp": ref["logprobs"]}
 

@@ -121,7 +121,10 @@ def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformati
     def update(trainable, opt_state, step, frozen, batch, key):
         def minibatch_step(carry, mb):
             trainable, opt_state, step, finite = carry
-            (loss, stats), grads = grad_fn(trainable, frozen, mb)
+            # Tie the frozen weights to the loop: otherwise XLA hoists their (FSDP) all-gathers out
+            # of the loop as loop-invariant, and the whole gathered model stays in memory.
+            frozen_now, trainable = lax.optimization_barrier((frozen, trainable))
+            (loss, stats), grads = grad_fn(trainable, frozen_now, mb)
             updates, new_opt = optimizer.update(grads, opt_state, trainable)
             new_trainable = optax.apply_updates(trainable, updates)
             weight = jnp.sum(mb["weight"]) if "weight" in mb else jnp.float32(1.0)
