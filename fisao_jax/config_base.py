@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.lora_rank = 128       # paper: r 128, alpha 256, all linear layers of the LM
     c.model.lora_alpha = 256.0
-    c.model.lora_dropout = 0.0    # must be 0 for FiSAO (PPO compares the same function before/after) an update
+    c.model.lora_dropout = 0.0    # CSR's DPO and ViGoR's SFT only; must be 0 for FiSAO (PPO's ratio) an update
     c.model.remat = True          # recompute decoder layers in the PPO backward pass
 
     # Axis sizes (one may be -1: the remaining devices); "devices": N uses only the first N

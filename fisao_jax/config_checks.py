@@ -62,6 +62,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("reward.margin", "reward.kl_coef", "model.lora_rank", "train.num_iterations", "rollout.decode_chunk"):
         if _get(config, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(config, key)!r}")
+    if not 0 <= config.model.lora_dropout < 1:
+        raise ConfigError(f"config key 'model.lora_dropout' must be in [0, 1), got {config.model.lora_dropout!r}")
     if not 0 < config.rollout.top_p <= 1:
         raise ConfigError(f"config key 'rollout.top_p' must be in (0, 1], got {config.rollout.top_p!r}")
     if not 0 <= config.reward.baseline_low_pct < config.reward.baseline_high_pct <= 100:

@@ -33,8 +33,9 @@ from jax import lax
 
 from fisao_jax.params import VALUE_HEAD_KEY, merge_params
 
-LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
-"""loss_fn(params, minibatch) -> (scalar loss, dict of scalar stats); params are merged."""
+LossFn = Callable[..., tuple[jax.Array, dict]]
+"""loss_fn(params, minibatch) -> (scalar loss, dict of scalar stats); params are merged. With
+`rng=True`, loss_fn(params, minibatch, rng) gets a fresh key per step (LoRA dropout)."""
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -103,8 +104,10 @@ def unminibatch(stacked: Any, key: jax.Array | None) -> Any:
 
 
 def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, num_minibatches: int,
-                          epochs: int = 1, shuffle: bool = False):
-    """See the module docstring. `key` may be None when `shuffle` is False.
+                          epochs: int = 1, shuffle: bool = False, rng: bool = False):
+    """See the module docstring. `key` may be None when neither `shuffle` nor `rng` is set; with
+    `rng`, step i of epoch e passes fold_in(key_e, i) to the loss (key_e = `epoch_keys(key)[e]`,
+    or `key` itself for one epoch without shuffling).
 
     Returns metrics = the stats averaged over all steps (weighted), `optim/grad_norm*`, and
     'finite'; `stats` = the per-step stats stacked [epochs * num_minibatches]."""
@@ -113,18 +116,20 @@ def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformati
         raise ValueError(f"make_minibatch_update: num_minibatches ({num_minibatches}) and epochs ({epochs}) "
                          f"must be >= 1")
 
-    def objective(trainable, frozen, mb):
-        return loss_fn(merge_params(trainable, frozen), mb)
+    def objective(trainable, frozen, mb, step_key):
+        params = merge_params(trainable, frozen)
+        return loss_fn(params, mb, step_key) if rng else loss_fn(params, mb)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def update(trainable, opt_state, step, frozen, batch, key):
-        def minibatch_step(carry, mb):
+        def minibatch_step(carry, xs):
+            mb, step_key = xs
             trainable, opt_state, step, finite = carry
             # Tie the frozen weights to the loop: otherwise XLA hoists their (FSDP) all-gathers out
             # of the loop as loop-invariant, and the whole gathered model stays in memory.
             frozen_now, trainable = lax.optimization_barrier((frozen, trainable))
-            (loss, stats), grads = grad_fn(trainable, frozen_now, mb)
+            (loss, stats), grads = grad_fn(trainable, frozen_now, mb, step_key)
             updates, new_opt = optimizer.update(grads, opt_state, trainable)
             new_trainable = optax.apply_updates(trainable, updates)
             weight = jnp.sum(mb["weight"]) if "weight" in mb else jnp.float32(1.0)
@@ -137,9 +142,15 @@ def make_minibatch_update(loss_fn: LossFn, optimizer: optax.GradientTransformati
 
         def epoch_step(carry, epoch_key):
             mbs = minibatches(batch, num_minibatches, epoch_key if shuffle else None)
-            return lax.scan(minibatch_step, carry, mbs)
+            step_keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(jnp.arange(num_minibatches))
+            return lax.scan(minibatch_step, carry, (mbs, step_keys))
 
-        keys = epoch_keys(key, epochs) if shuffle else jnp.zeros((epochs, 2), jnp.uint32)
+        if shuffle or (rng and epochs > 1):
+            keys = epoch_keys(key, epochs)
+        elif rng:
+            keys = key[None]
+        else:
+            keys = jnp.zeros((epochs, 2), jnp.uint32)
         (new_trainable, new_opt, new_step, finite), (stats, weights) = lax.scan(
             epoch_step, (trainable, opt_state, step, jnp.bool_(True)), keys)
         stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)

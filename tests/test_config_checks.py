@@ -95,3 +95,13 @@ def test_method_must_be_registered():
     c.method = "rlhf"
     with pytest.raises(ConfigError, match="'method' must be one of \\('fisao', 'csr', 'vigor'\\)"):
         validate_config(c)
+
+
+def test_fisao_refuses_lora_dropout():
+    from fisao_jax.methods import fisao
+
+    c = base_config()
+    c.model.lora_dropout = 0.1
+    validate_config(c)  # valid for the methods that can use it (CSR's DPO, ViGoR's SFT)
+    with pytest.raises(ConfigError, match="'model.lora_dropout' must be 0 for FiSAO"):
+        fisao.validate(c)

@@ -68,7 +68,7 @@ _core = jax.jit(dpo.make_dpo_update(MODEL, optax.sgd(LR), beta=BETA, num_minibat
 
 
 def _update(state, frozen, batch):
-    return state.apply(_core, frozen, batch, None)
+    return state.apply(_core, frozen, batch, jax.random.PRNGKey(0))
 
 
 def _state(params):
@@ -212,3 +212,28 @@ def test_padding_rows_and_non_finite_batches_change_nothing():
         assert bool(metrics["finite"]) == finite and int(new.step) == 0
         for got, want in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_lora_dropout_is_active_in_the_dpo_step_and_off_in_the_reference():
+    """model.lora_dropout > 0: the training pass drops adapter inputs (two keys, two updates),
+    the reference log-probs (and a dropout of 0) do not depend on the key."""
+    import dataclasses
+
+    drop_model = LlavaModel(dataclasses.replace(TINY, lora=C.LoRAConfig(rank=4, alpha=8.0, dropout=0.5)))
+    _, params = tiny_llava(seed=10)
+    b = tiny_pairs(seed=11)
+    ref = jax.jit(lambda p, x: dpo.pair_logprobs(drop_model, p, x))
+    np.testing.assert_array_equal(np.asarray(ref(params, b)[0]), np.asarray(_pair_logprobs(params, b)[0]))
+    step = jax.jit(dpo.make_dpo_update(drop_model, optax.sgd(LR), beta=BETA, num_minibatches=2))
+    state, frozen = _state(params)
+    batch = _batch(b, [-20.0, -15.0, -30.0, -8.0], [-18.0, -25.0, -10.0, -9.0], [1.0] * 4)
+    a, _ = state.apply(step, frozen, batch, jax.random.PRNGKey(1))
+    c, _ = state.apply(step, frozen, batch, jax.random.PRNGKey(2))
+    again, _ = state.apply(step, frozen, batch, jax.random.PRNGKey(1))
+    leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.trainable)]  # noqa: E731
+    assert any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c)))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(again)))
+    # without dropout the key changes nothing
+    d, _ = _update(state, frozen, batch)
+    e, _ = state.apply(_core, frozen, batch, jax.random.PRNGKey(7))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(d), leaves(e)))

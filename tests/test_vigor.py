@@ -120,7 +120,7 @@ def test_sft_update_is_an_sgd_step_on_an_independent_gradient():
     lr = 0.1
     trainable, frozen = split_params(params)
     state = TrainState(trainable, optax.sgd(lr).init(trainable), jnp.zeros((), jnp.int32))
-    new, metrics = state.apply(jax.jit(sft.make_sft_update(MODEL, optax.sgd(lr))), frozen, b, None)
+    new, metrics = state.apply(jax.jit(sft.make_sft_update(MODEL, optax.sgd(lr))), frozen, b, jax.random.PRNGKey(0))
     assert bool(metrics["finite"]) and int(new.step) == 1
 
     def reference(trainable):

@@ -141,8 +141,8 @@ def train(config, workdir) -> dict:
     pair_keys = dpo_lib.PAIR_KEYS + tuple(setup.module.image_input_keys)
     update = dpo_lib.make_dpo_update(setup.module, optimizer, beta=d.beta, num_minibatches=d.num_minibatches)
     shardings, b, r = layout.of(state), layout.batch, layout.replicated
-    step = layout.jit(lambda s, fz, batch: s.apply(update, fz, batch, None),
-                      in_shardings=(shardings, layout.of(frozen), b), out_shardings=(shardings, r))
+    step = layout.jit(lambda s, fz, batch, key: s.apply(update, fz, batch, key),
+                      in_shardings=(shardings, layout.of(frozen), b, r), out_shardings=(shardings, r))
     reference = layout.jit(lambda p, batch: dpo_lib.pair_logprobs(setup.module, p, batch),
                            in_shardings=(setup.param_shardings, b), out_shardings=b)
     num_prompts = c.num_prompts or setup.task.num_train_prompts
@@ -166,8 +166,9 @@ def train(config, workdir) -> dict:
             # a fresh optimizer every iteration, as CSR's separate fine-tuning runs
             state = state.replace(opt_state=init_opt_state(optimizer, state.trainable, layout), step=counter())
             state = jax.device_put(state, shardings)
-            state, upd, skipped = train_epochs(lambda s, x: step(s, frozen, x), state, data, chunk, d.epochs,
-                                               np.random.default_rng([config.seed, it]), layout.put_batch)
+            state, upd, skipped = train_epochs(lambda s, x, k: step(s, frozen, x, k), state, data, chunk, d.epochs,
+                                               np.random.default_rng([config.seed, it]), layout.put_batch,
+                                               jax.random.fold_in(jax.random.PRNGKey(config.seed + 4), it))
             metrics.update({f"dpo/{k}": v for k, v in upd.items()})
             metrics["dpo/nonfinite_skipped"] = skipped
         metrics["time/dpo"] = time.time() - t1

@@ -74,7 +74,8 @@ def sentence_stop(stop_table: jax.Array, eos_token_id: int, budget: jax.Array):
     return lambda token, count: stop_table[token] | (token == eos_token_id) | (count >= budget)
 
 
-def make_sentence_sampler(model: VisionLanguageModel, cfg: SamplingConfig, max_sentence_tokens: int):
+def make_sentence_sampler(model: VisionLanguageModel, cfg: SamplingConfig, max_sentence_tokens: int, layout=None,
+                          param_shardings=None):
     """Compiled `sample(params, input_ids [R, L], attention_mask [R, L], image_mask [R, L],
     row_image [R] int, features [P, n_img, D], stop_table [V] bool, budget [R] int, key)
     -> SentenceSample`.
@@ -84,7 +85,8 @@ def make_sentence_sampler(model: VisionLanguageModel, cfg: SamplingConfig, max_s
     tokens) with sampled tokens (cfg: temperature, top-k, top-p) until a `stop_table` token,
     EOS, `max_sentence_tokens` tokens or `budget[r]` tokens; `budget[r] = 0` samples nothing.
     Log-probs are under the model's own distribution (temperature 1), as R_T needs.
-    Shapes are static: one compile per (R, L)."""
+    Shapes are static: one compile per (R, L). With a `fisao_jax.placement.Layout`, the rows
+    are sharded over the batch axes (R must divide by its batch shards)."""
 
     def sample(params, input_ids, attention_mask, image_mask, row_image, features, stop_table, budget, key):
         out = decode(model, cfg, params, input_ids, attention_mask, features[row_image], key,
@@ -93,7 +95,10 @@ def make_sentence_sampler(model: VisionLanguageModel, cfg: SamplingConfig, max_s
         hit_eos = jnp.any((out.tokens == cfg.eos_token_id) & (out.mask > 0), axis=1)
         return SentenceSample(out.tokens, out.mask, out.logprobs, hit_eos)
 
-    return jax.jit(sample)
+    if layout is None:
+        return jax.jit(sample)
+    b, r = layout.batch, layout.replicated
+    return layout.jit(sample, in_shardings=(param_shardings, b, b, b, b, r, r, b, r), out_shardings=b)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -229,10 +234,16 @@ def make_search_context(setup, config) -> SearchContext:
     sampling = SamplingConfig(max_new_tokens=c.max_sentence_tokens, temperature=c.temperature, top_k=r.top_k,
                               top_p=r.top_p, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
                               decode_chunk=0)
+    layout = setup.layout
+    layout.check_batch_size(c.prompt_batch_size * 2 * c.beam_keep * c.num_candidates,
+                            "CSR's sampler rows (csr.prompt_batch_size x 2 csr.beam_keep x csr.num_candidates)")
     return SearchContext(
         model=model, verifier=setup.verifier, vstate=setup.vstate, tokenizer=task.tokenizer,
-        sampler=make_sentence_sampler(model, sampling, c.max_sentence_tokens),
-        image_features=jax.jit(lambda p, b: image_features(model, p, b)),
+        sampler=make_sentence_sampler(model, sampling, c.max_sentence_tokens, layout, setup.param_shardings),
+        # the prompts' images (a few rows): replicated, as the features every sampler row indexes
+        image_features=layout.jit(lambda p, b: image_features(model, p, b),
+                                  in_shardings=(setup.param_shardings, layout.replicated),
+                                  out_shardings=layout.replicated),
         stop_table=jnp.asarray(sentence_end_table(task.tokenizer, model.cfg.text.vocab_size)),
         eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, keep=c.beam_keep,
         num_candidates=c.num_candidates, max_sentences=c.max_sentences, max_new_tokens=r.max_new_tokens,

@@ -55,27 +55,31 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     return loss, jax.tree.map(lax.stop_gradient, stats)
 
 
-def pair_logprobs(model: VisionLanguageModel, params: Any, batch: dict, use_lora: bool = True) -> tuple[jax.Array, jax.Array]:
+def pair_logprobs(model: VisionLanguageModel, params: Any, batch: dict, use_lora: bool = True,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(chosen [P], rejected [P]) sequence log-probs; one forward over the 2P responses,
-    one vision pass over the P images. batch: PAIR_KEYS arrays plus the image inputs."""
+    one vision pass over the P images. batch: PAIR_KEYS arrays plus the image inputs.
+    `dropout_rng` switches the LoRA dropout on (training passes only)."""
     feats = image_features(model, params, batch)
     p = batch["input_ids"].shape[0]
     two = lambda x: jnp.concatenate([x, x], axis=0)  # noqa: E731
     prompts = {"input_ids": two(batch["input_ids"]), "attention_mask": two(batch["attention_mask"])}
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    lp = sequence_logprobs(model, params, prompts, tokens, mask, features=two(feats), use_lora=use_lora)
+    drop = {} if dropout_rng is None else {"deterministic": False, "rngs": {"dropout": dropout_rng}}
+    lp = sequence_logprobs(model, params, prompts, tokens, mask, features=two(feats), use_lora=use_lora, **drop)
     return lp[:p], lp[p:]
 
 
 def make_dpo_loss(model: VisionLanguageModel, beta: float):
-    """loss_fn(params, minibatch) -> (loss, stats) of DPO; the minibatch holds PAIR_KEYS, the
-    image inputs, `ref_chosen_logp`, `ref_rejected_logp` [P] (nats) and `weight` [P]."""
+    """loss_fn(params, minibatch, rng) -> (loss, stats) of DPO; the minibatch holds PAIR_KEYS,
+    the image inputs, `ref_chosen_logp`, `ref_rejected_logp` [P] (nats) and `weight` [P]; `rng`
+    drives the LoRA dropout (`model.lora_dropout`; the reference log-probs are without it)."""
     if not beta > 0:
         raise ValueError(f"DPO beta must be > 0, got {beta}")
 
-    def loss_fn(params, mb):
-        chosen, rejected = pair_logprobs(model, params, mb)
+    def loss_fn(params, mb, rng):
+        chosen, rejected = pair_logprobs(model, params, mb, dropout_rng=rng)
         loss, stats = dpo_loss(chosen, rejected, mb["ref_chosen_logp"], mb["ref_rejected_logp"], beta, mb["weight"])
         return loss, dict(stats, loss=lax.stop_gradient(loss))
 
@@ -86,5 +90,5 @@ def make_dpo_update(model: VisionLanguageModel, optimizer: optax.GradientTransfo
                     num_minibatches: int = 1):
     """Pure `update(trainable, opt_state, step, frozen, batch, key)` of DPO on the trainable
     (LoRA) leaves: one optimizer step per minibatch of `batch` (P divisible by
-    num_minibatches). See `fisao_jax.update.make_minibatch_update`."""
-    return make_minibatch_update(make_dpo_loss(model, beta), optimizer, num_minibatches=num_minibatches)
+    num_minibatches); `key` drives the LoRA dropout. See `fisao_jax.update.make_minibatch_update`."""
+    return make_minibatch_update(make_dpo_loss(model, beta), optimizer, num_minibatches=num_minibatches, rng=True)

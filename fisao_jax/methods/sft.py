@@ -18,11 +18,13 @@ SFT_KEYS = ("input_ids", "attention_mask", "tokens", "mask", "weight")
 
 
 def make_sft_loss(model: VisionLanguageModel):
-    """loss_fn(params, minibatch) -> (loss, stats): the minibatch holds SFT_KEYS ('tokens',
-    'mask' [B, N] = the targets, EOS included) and the image inputs."""
+    """loss_fn(params, minibatch, rng) -> (loss, stats): the minibatch holds SFT_KEYS ('tokens',
+    'mask' [B, N] = the targets, EOS included) and the image inputs; `rng` drives the LoRA
+    dropout (`model.lora_dropout`)."""
 
-    def loss_fn(params, mb):
-        logp = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], use_lora=True)["logprobs"]
+    def loss_fn(params, mb, rng):
+        logp = response_logprobs(model, params, mb, mb["tokens"], mb["mask"], use_lora=True, deterministic=False,
+                                 rngs={"dropout": rng})["logprobs"]
         loss, stats = token_mean_nll(logp, mb["mask"], mb["weight"])
         return loss, dict(stats, loss=lax.stop_gradient(loss))
 
@@ -31,5 +33,5 @@ def make_sft_loss(model: VisionLanguageModel):
 
 def make_sft_update(model: VisionLanguageModel, optimizer: optax.GradientTransformation, num_minibatches: int = 1):
     """Pure `update(trainable, opt_state, step, frozen, batch, key)`: one optimizer step per
-    minibatch on the LoRA. See `fisao_jax.update.make_minibatch_update`."""
-    return make_minibatch_update(make_sft_loss(model), optimizer, num_minibatches=num_minibatches)
+    minibatch on the LoRA; `key` drives the LoRA dropout. See `fisao_jax.update.make_minibatch_update`."""
+    return make_minibatch_update(make_sft_loss(model), optimizer, num_minibatches=num_minibatches, rng=True)

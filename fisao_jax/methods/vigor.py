@@ -223,14 +223,15 @@ def train(config, workdir) -> dict:
     data = pad_to_multiple(data, chunk)
     update = make_sft_update(setup.module, optimizer, s.num_minibatches)
     shardings = layout.of(state)
-    step = layout.jit(lambda st, fz, batch: st.apply(update, fz, batch, None),
-                      in_shardings=(shardings, layout.of(frozen), layout.batch),
+    step = layout.jit(lambda st, fz, batch, key: st.apply(update, fz, batch, key),
+                      in_shardings=(shardings, layout.of(frozen), layout.batch, layout.replicated),
                       out_shardings=(shardings, layout.replicated))
     log = MetricsLog(run.workdir, start)
     for epoch in tqdm(range(start, s.epochs), initial=start, total=s.epochs, desc="ViGoR SFT", unit="epoch"):
         t0 = time.time()
-        state, upd, skipped = train_epochs(lambda st, x: step(st, frozen, x), state, data, chunk, 1,
-                                           np.random.default_rng([config.seed, epoch]), layout.put_batch)
+        state, upd, skipped = train_epochs(lambda st, x, k: step(st, frozen, x, k), state, data, chunk, 1,
+                                           np.random.default_rng([config.seed, epoch]), layout.put_batch,
+                                           jax.random.fold_in(jax.random.PRNGKey(config.seed + 4), epoch))
         state = jax.device_put(state.replace(epoch=counter(epoch + 1)), shardings)
         metrics = {k if k.startswith("sft/") else f"sft/{k}": x for k, x in upd.items()}
         metrics.update({"sft/nonfinite_skipped": skipped, "time/sft_epoch": time.time() - t0,
