@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import numpy as np
 
+from fisao_jax import hosts
 from fisao_jax.eval import chair as chair_lib
 from fisao_jax.rewards.entities import EntityVocab
 from fisao_jax.rewards.reward import RewardParams, score_reward
@@ -40,12 +41,13 @@ def generate(rollout_fn: Callable, params: Any, verifier: Verifier, vstate: Veri
     it = batches
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(batches, desc=desc, unit="batch", leave=False)
+        it = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not hosts.is_primary())
     for i, b in enumerate(it):
         dev = put_batch(b)
         roll = rollout_fn(params, dev, jax.random.fold_in(key, i))
         found = verifier.verify_jit(vstate, roll.tokens, roll.mask, dev["pixel_values"])
-        toks, mask, ent, scores = (np.asarray(x) for x in (roll.tokens, roll.mask, found.entity_id, found.scores))
+        # every process decodes every row: the metrics need them all, and they are cheap next to generation
+        toks, mask, ent, scores = hosts.gather((roll.tokens, roll.mask, found.entity_id, found.scores))
         n = len(b["image_ids"])
         for r in range(n):
             length = int(mask[r].sum())

@@ -10,6 +10,11 @@ Flags:
   --verbosity   absl's flag: the console shows progress bars, results and warnings; pass
                 --verbosity=0 to see the libraries' INFO lines there too (they always go to
                 <workdir>/log.txt).
+
+More than one host (one process per host, the same command on each; see README):
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=K  (or $JAX_COORDINATOR_ADDRESS,
+                $JAX_NUM_PROCESSES, $JAX_PROCESS_ID); on a TPU pod slice nothing is needed.
+  --distributed_timeout  seconds to reach the coordinator before failing (300).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fisao_jax import hosts
 from fisao_jax.config_checks import ConfigError, validate_config
 from fisao_jax.methods import method_module
 from fisao_jax.run.log import configure_logging
@@ -29,6 +35,10 @@ _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / 
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Trace shapes and print memory; load no weights.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 (several hosts).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (several hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (several hosts).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to reach the coordinator.")
 
 
 def main(argv) -> int:
@@ -36,6 +46,11 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.get("workdir")
+    try:  # before anything touches a device
+        hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value)
+    except hosts.HostsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0
     configure_logging(pathlib.Path(workdir) if workdir and not _DRY_RUN.value else None,
                       logging.INFO if verbose else logging.WARNING)
@@ -53,9 +68,17 @@ def main(argv) -> int:
             return 2
         method.train(config, workdir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{_where()}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if hosts.count() > 1:  # say which process failed; the others stop at their next collective
+            print(f"error{_where()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     return 0
+
+
+def _where() -> str:
+    return f" on process {hosts.index()} of {hosts.count()}" if hosts.count() > 1 else ""
 
 
 if __name__ == "__main__":

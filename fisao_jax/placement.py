@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fisao_jax import sharding as sharding_lib
+from fisao_jax import hosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +66,33 @@ class Layout:
                              f"the mesh {dict(self.mesh.shape)} (mesh axes data x fsdp)")
 
     def put_batch(self, batch: dict, keys: Optional[Sequence[str]] = None) -> dict:
-        """Device arrays of `batch[keys]` (default: every array entry), rows over the batch axes.
+        """Global device arrays of `batch[keys]` (default: every array entry), rows over the batch
+        axes. With several processes, `batch` holds this process's block of rows
+        (`fisao_jax.hosts.rows`) and the global batch is every process's blocks in order.
         Non-array entries (lists of ids, sets of objects) are left out."""
         keys = [k for k in batch if isinstance(batch[k], (np.ndarray, jax.Array))] if keys is None else list(keys)
         out = {}
         for k in keys:
             x = batch[k]
-            self.check_batch_size(np.shape(x)[0], f"batch entry '{k}'")
-            out[k] = jax.device_put(x, self.batch)
+            global_rows = np.shape(x)[0] * jax.process_count()
+            self.check_batch_size(global_rows, f"batch entry '{k}'")
+            out[k] = hosts.to_global(x, self.batch, global_rows)
         return out
 
     def put_replicated(self, tree: Any) -> Any:
-        return jax.device_put(tree, self.replicated)
+        return self.place(tree, jax.tree.map(lambda _: self.replicated, tree))
+
+    def place(self, tree: Any, shardings: Any) -> Any:
+        """`tree` (host or one-device arrays, the same value in every process) laid out by
+        `shardings` on the mesh, which may span several processes."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, shardings)
+
+        def one(x, s):
+            if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding == s:
+                return x  # already a global array laid out as asked
+            return hosts.from_host(np.asarray(x), s)
+        return jax.tree.map(one, tree, shardings)
 
     @contextlib.contextmanager
     def tracing(self):

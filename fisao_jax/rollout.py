@@ -110,18 +110,31 @@ def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
     return token, chosen - jax.nn.logsumexp(scaled, axis=-1)
 
 
+def _local_rows(x) -> np.ndarray:
+    """The rows of `x` this process can read (all of them, but for a global array spanning
+    several processes: its first addressable shard)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
+
 def validate_inputs(model: VisionLanguageModel, batch: dict, cfg: SamplingConfig) -> None:
     """Host-side checks before compiling: context length, image tokens, shapes, settings."""
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-    if np.shape(batch["attention_mask"]) != ids.shape:
-        raise ValueError(f"attention_mask shape {np.shape(batch['attention_mask'])} != input_ids shape {ids.shape}")
+    shape = np.shape(batch["input_ids"])
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {shape}")
+    if np.shape(batch["attention_mask"]) != shape:
+        raise ValueError(f"attention_mask shape {np.shape(batch['attention_mask'])} != input_ids shape {shape}")
     limit = model.cfg.text.max_position_embeddings
-    if ids.shape[1] + cfg.max_new_tokens > limit:
-        raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {cfg.max_new_tokens} = "
-                         f"{ids.shape[1] + cfg.max_new_tokens} exceeds the model's context of {limit} tokens")
-    check_image_tokens(ids, int(np.shape(batch[model.image_input_keys[0]])[0]), model.cfg)
+    if shape[1] + cfg.max_new_tokens > limit:
+        raise ValueError(f"prompt length {shape[1]} + max_new_tokens {cfg.max_new_tokens} = "
+                         f"{shape[1] + cfg.max_new_tokens} exceeds the model's context of {limit} tokens")
+    ids, images = batch["input_ids"], batch[model.image_input_keys[0]]
+    if np.shape(images)[0] == shape[0]:  # one image per row: the check can run on the rows at hand
+        ids, n_images = _local_rows(ids), len(_local_rows(images))
+    else:
+        ids, n_images = np.asarray(ids), int(np.shape(images)[0])
+    check_image_tokens(ids, n_images, model.cfg)
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:

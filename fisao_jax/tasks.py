@@ -9,7 +9,9 @@ A task gives the trainer:
   train_batch(position, batch_size) -> (batch, next_position)
   calibration_batches(batch_size), eval_batches(batch_size) -> lists of batches with
       'image_ids' and 'gt_objects'
-Batches hold numpy 'input_ids' [B,T], 'attention_mask' [B,T], 'pixel_values' [B,3,H,W].
+Batches hold numpy 'input_ids' [B,T], 'attention_mask' [B,T], 'pixel_values' [B,3,H,W]. With
+several processes (`fisao_jax.hosts`) each reads and preprocesses only its block of every
+batch's rows: the arrays hold B / P rows, the lists ('image_ids', 'gt_objects') all of them.
 
 `SyntheticTask`: the generated world (default, CPU). `CocoTask`: LLaVA-Instruct prompts +
 COCO calibration / CHAIR evaluation images for real checkpoints.
@@ -20,6 +22,8 @@ import logging
 import pathlib
 
 import numpy as np
+
+from fisao_jax import hosts
 
 
 def build_task(config, workdir: pathlib.Path):
@@ -43,15 +47,11 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _pad_rows(batch: dict, size: int) -> dict:
-    """Repeat the last row so every batch has `size` rows (static shapes); lists are not padded."""
-    n = len(batch["image_ids"])
-    if n == size:
-        return batch
-    out = dict(batch)
-    for k in ("input_ids", "attention_mask", "pixel_values"):
-        out[k] = np.concatenate([batch[k], np.repeat(batch[k][-1:], size - n, axis=0)])
-    return out
+def _local_rows(items: list, size: int) -> list:
+    """This process's block of `items` padded to `size` by repeating the last one (static
+    shapes; the copies' results are dropped by the caller)."""
+    padded = list(items) + [items[-1]] * (size - len(items))
+    return padded[hosts.rows(size)]
 
 
 class CocoTask:
@@ -102,8 +102,8 @@ class CocoTask:
 
     def train_batch(self, position: int, batch_size: int) -> tuple[dict, int]:
         records, nxt = self._llava_instruct.batch_at(self.records, position, batch_size, seed=self.seed)
-        batch = self._llava_instruct.encode_batch(records, self.tokenizer, self.image_token_id, self.num_image_tokens,
-                                                  self.max_prompt_len, self.image_config)
+        batch = self._llava_instruct.encode_batch(records[hosts.rows(batch_size)], self.tokenizer, self.image_token_id,
+                                                  self.num_image_tokens, self.max_prompt_len, self.image_config)
         return batch, nxt
 
     def _image_batches(self, records, batch_size: int) -> list[dict]:
@@ -111,11 +111,12 @@ class CocoTask:
 
         out = []
         for chunk in _chunks(list(records), batch_size):
-            prompts = [PromptRecord(id=str(r.image_id), prompt=self.eval_prompt, image_path=r.image_path) for r in chunk]
+            prompts = [PromptRecord(id=str(r.image_id), prompt=self.eval_prompt, image_path=r.image_path)
+                       for r in _local_rows(chunk, batch_size)]
             b = self._llava_instruct.encode_batch(prompts, self.tokenizer, self.image_token_id, self.num_image_tokens,
                                                   self.max_prompt_len, self.image_config)
             b.update(image_ids=[r.image_id for r in chunk], gt_objects=[set(r.objects) for r in chunk])
-            out.append(_pad_rows(b, batch_size))
+            out.append(b)
         return out
 
     def calibration_batches(self, batch_size: int) -> list[dict]:
@@ -162,8 +163,13 @@ class SyntheticTask:
         else:
             from fisao_jax.world import build as world_build
 
-            # the world's build messages (quality metrics, cache folders) go to the run's log file
+            # the world's build messages (quality metrics, cache folders) go to the run's log file;
+            # with several processes, process 0 builds (or loads) it, then the others load it
+            if not hosts.is_primary():
+                hosts.wait("world built")
             art = world_build.build_world(world_cache_dir(config, workdir), build_cfg, log=logging.info)
+            if hosts.is_primary():
+                hosts.wait("world built")
             self.policy_dir, self.verifier_dir, tokenizer_dir = str(art.llava_dir), str(art.clip_dir), str(art.tokenizer_dir)
         self.tokenizer = _load_tokenizer(tokenizer_dir, "world tokenizer")
         self.verifier_tokenizer = self.tokenizer
@@ -192,25 +198,31 @@ class SyntheticTask:
     def num_train_prompts(self) -> int:
         return len(self.train_set["images"])
 
-    def _batch(self, data: dict, index: np.ndarray, prompts: list[str]) -> dict:
+    def _batch(self, data: dict, local: np.ndarray, prompts: list[str], index: np.ndarray) -> dict:
+        """Arrays of the `local` scenes (this process's rows), lists of all of `index`."""
         ids, mask = self._encode(self.tokenizer, self._format(prompts), self.image_token_id, self.num_image_tokens,
                                  self.max_prompt_len)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": self._pixels(data["images"][index]),
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": self._pixels(data["images"][local]),
                 "image_ids": [int(i) for i in index], "gt_objects": [set(data["gt_objects"][i]) for i in index]}
 
     def train_batch(self, position: int, batch_size: int) -> tuple[dict, int]:
         from fisao_jax.data.llava_instruct import batch_indices
 
         index = batch_indices(self.num_train_prompts, position, batch_size, seed=self.seed)
-        prompts = [self.train_set["prompts"][i] for i in index]
-        return self._batch(self.train_set, index, prompts), position + batch_size
+        local = index[hosts.rows(batch_size)]
+        prompts = [self.train_set["prompts"][i] for i in local]
+        return self._batch(self.train_set, local, prompts, index), position + batch_size
 
     def _fixed(self, data: dict, batch_size: int) -> list[dict]:
         from fisao_jax.data.synthetic import prompt_text
 
         n = len(data["images"])
-        return [_pad_rows(self._batch(data, np.arange(s, min(s + batch_size, n)), [prompt_text()] * min(batch_size, n - s)),
-                          batch_size) for s in range(0, n, batch_size)]
+        out = []
+        for s in range(0, n, batch_size):
+            index = np.arange(s, min(s + batch_size, n))
+            local = np.asarray(_local_rows(list(index), batch_size))
+            out.append(self._batch(data, local, [prompt_text()] * len(local), index))
+        return out
 
     def calibration_batches(self, batch_size: int) -> list[dict]:
         return self._fixed(self.calib_set, batch_size)

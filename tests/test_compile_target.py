@@ -41,3 +41,18 @@ def test_unknown_topology_and_missing_pieces_are_clear_errors(capsys):
     assert "--topology must be one of" in capsys.readouterr().err
     assert aot_compile.main(["--topology", "v5e-8", "--mesh", "model=8"]) == 2
     assert "--mesh: bad entry 'model=8'" in capsys.readouterr().err
+
+
+def test_7b_width_update_compiles_for_a_4_host_v5e_16(tmp_path):
+    """Past one host: the multi-host topology (4 hosts x 4 chips, one 16-device mesh)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import aot_compile
+
+    assert ct.TARGETS["v5e-16"].hosts == 4
+    out = tmp_path / "v5e-16.json"
+    rc = aot_compile.main(["--topology", "v5e-16", "--layers", "2", "--vision_layers", "2", "--phases", "update",
+                           "--json", str(out)])
+    assert rc == 0
+    p = json.loads(out.read_text())["phases"]["update"]
+    assert p["flops_per_device"] <= 1.2 * p["ideal_flops_per_device"]
+    assert p["temp_bytes"] <= 1.2 * p["ideal_temp_bytes"]

@@ -131,7 +131,7 @@ def train(config, workdir) -> dict:
     trainable, frozen = split_params(setup.params)
     state = CsrState(trainable=trainable, opt_state=init_opt_state(optimizer, trainable, layout), step=counter(),
                      iteration=counter())
-    state = jax.device_put(state, layout.of(state))
+    state = layout.place(state, layout.of(state))
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)
         print(f"resumed from {run.ckpt.directory / str(run.latest)} (iteration {int(state.iteration)})")
@@ -165,14 +165,14 @@ def train(config, workdir) -> dict:
                 reference, params, data, d.batch_size, lambda x: layout.put_batch(x, pair_keys))
             # a fresh optimizer every iteration, as CSR's separate fine-tuning runs
             state = state.replace(opt_state=init_opt_state(optimizer, state.trainable, layout), step=counter())
-            state = jax.device_put(state, shardings)
+            state = layout.place(state, shardings)
             state, upd, skipped = train_epochs(lambda s, x, k: step(s, frozen, x, k), state, data, chunk, d.epochs,
                                                np.random.default_rng([config.seed, it]), layout.put_batch,
                                                jax.random.fold_in(jax.random.PRNGKey(config.seed + 4), it))
             metrics.update({f"dpo/{k}": v for k, v in upd.items()})
             metrics["dpo/nonfinite_skipped"] = skipped
         metrics["time/dpo"] = time.time() - t1
-        state = jax.device_put(state.replace(iteration=counter(it + 1)), shardings)
+        state = layout.place(state.replace(iteration=counter(it + 1)), shardings)
         log.write(it + 1, metrics)
         run.ckpt.save(it + 1, state)
         tqdm.write(f"CSR iteration {it + 1}: {len(pairs)} pairs, chosen/rejected score "

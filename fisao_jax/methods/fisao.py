@@ -15,6 +15,7 @@ A run resumes from the newest checkpoint in its workdir.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fisao_jax import ppo
+from fisao_jax import hosts, ppo
 from fisao_jax import update as update_lib
 from fisao_jax.config_checks import ConfigError
 from fisao_jax.lora_adapter import save_adapter
@@ -116,16 +117,20 @@ def initial_state(setup: Setup, config, optimizer) -> tuple[FisaoState, Any]:
     state = FisaoState(trainable=trainable, opt_state=init_opt_state(optimizer, trainable, setup.layout),
                        step=counter(), iteration=counter(), data_position=counter(),
                        rng=jax.random.PRNGKey(config.seed), nonfinite_total=counter(), nonfinite_streak=counter())
-    return jax.device_put(state, setup.layout.of(state)), frozen
+    return setup.layout.place(state, setup.layout.of(state)), frozen
 
 
 def sentence_scores(setup: Setup, state_vstate, roll, batch) -> jax.Array:
     """Host step of the sentence-level ablation: decode, encode whole responses with the verifier."""
-    toks, mask = np.asarray(roll.tokens), np.asarray(roll.mask)
+    toks, mask = hosts.gather((roll.tokens, roll.mask))
     texts = [setup.task.tokenizer.decode(t[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
              for t, m in zip(toks, mask)]
-    img = setup.verifier.image_embeddings_jit(state_vstate.params, batch["pixel_values"])
-    return jax.device_put(setup.verifier.sentence_scores(state_vstate, img, texts), setup.layout.batch)
+    img = hosts.gather(setup.verifier.image_embeddings_jit(state_vstate.params, batch["pixel_values"]))
+    return hosts.from_host(np.asarray(setup.verifier.sentence_scores(state_vstate, img, texts)), setup.layout.batch)
+
+
+_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))  # a replicated scalar: every process can read it
+_count = jax.jit(jnp.sum)
 
 
 def _host(tree: Any) -> dict:
@@ -139,7 +144,7 @@ def iteration(run: MethodRun, steps: Steps, state: FisaoState, frozen, guard: No
     shardings, done = setup.layout.of(state), int(state.iteration)
     key, k_roll, k_upd = jax.random.split(state.rng, 3)
     batch, position_next = setup.task.train_batch(int(state.data_position), config.train.batch_size)
-    dev = setup.put_batch(batch)
+    dev = setup.put_batch(batch)  # this process's rows (all of them with one process)
     params = merge_params(state.trainable, frozen)
     t0 = time.time()
     roll = jax.block_until_ready(setup.rollout_fn(params, dev, k_roll))
@@ -150,7 +155,7 @@ def iteration(run: MethodRun, steps: Steps, state: FisaoState, frozen, guard: No
                                                shuffle_key, sentence))
     t2 = time.time()
     metrics = _host(scored["metrics"])
-    finite = bool(np.isfinite(np.asarray(scored["rewards"])).all())
+    finite = bool(_all_finite(scored["rewards"]))
     new_state = state
     if finite:
         ppo_batch = dict(dev, tokens=roll.tokens, mask=roll.mask, old_logp=scored["old_logp"],
@@ -161,14 +166,22 @@ def iteration(run: MethodRun, steps: Steps, state: FisaoState, frozen, guard: No
         metrics.update(upd)
     t3 = time.time()
     guard.record(finite, done)
-    n_tokens = int(np.asarray(roll.mask).sum())
+    n_tokens = int(_count(roll.mask))
+    logging.info("iteration %d: this process read %d of %d training prompts", done + 1, len(batch["input_ids"]),
+                 config.train.batch_size)
     metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
                     "nonfinite/total": guard.total, "nonfinite/skipped": float(not finite),
                     "tokens/update_per_s": n_tokens * config.ppo.ppo_epochs / max(t3 - t2, 1e-9)})
     new_state = new_state.replace(
         rng=key, iteration=counter(done + 1), data_position=counter(position_next),
         nonfinite_total=counter(guard.total), nonfinite_streak=counter(guard.streak))
-    return jax.device_put(new_state, shardings), metrics
+    return _place_counters(new_state, shardings), metrics
+
+
+def _place_counters(state: FisaoState, shardings) -> FisaoState:
+    """The state with its host-made counters and key on the mesh (the rest is already there)."""
+    names = ("rng", "iteration", "data_position", "nonfinite_total", "nonfinite_streak")
+    return state.replace(**{n: hosts.from_host(np.asarray(getattr(state, n)), getattr(shardings, n)) for n in names})
 
 
 def train(config, workdir) -> dict:
@@ -180,12 +193,13 @@ def train(config, workdir) -> dict:
     steps = steps_for(setup, config, state, frozen)
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)
-        print(f"resumed from {run.ckpt.directory / str(run.latest)} (iteration {int(state.iteration)})")
+        run.say(f"resumed from {run.ckpt.directory / str(run.latest)} (iteration {int(state.iteration)})")
     start = int(state.iteration)
     num_iterations = config.train.num_iterations or -(-setup.task.num_train_prompts // config.train.batch_size)
     guard = NonFiniteGuard(config.train.max_nonfinite_in_row, int(state.nonfinite_total), int(state.nonfinite_streak))
     log = MetricsLog(run.workdir, start)
-    bar = tqdm(range(start, num_iterations), initial=start, total=num_iterations, desc="FiSAO", unit="it")
+    bar = tqdm(range(start, num_iterations), initial=start, total=num_iterations, desc="FiSAO", unit="it",
+               disable=not hosts.is_primary())
     for it in bar:
         state, metrics = iteration(run, steps, state, frozen, guard)
         log.write(it + 1, metrics)
@@ -204,5 +218,9 @@ def train(config, workdir) -> dict:
     log.close()
     run.ckpt.close()
     final = merge_params(state.trainable, frozen)
-    save_adapter(final, setup.module.cfg.lora, run.workdir / "adapter", base=setup.task.policy_dir, overwrite=True)
+    adapter = hosts.gather(state.trainable)  # every process takes part in the gather; process 0 writes
+    if hosts.is_primary():
+        save_adapter(adapter, setup.module.cfg.lora, run.workdir / "adapter", base=setup.task.policy_dir,
+                     overwrite=True)
+    hosts.wait("adapter")
     return finish_run(run, final, num_iterations, SETTINGS, {"nonfinite_skipped": guard.total})

@@ -214,7 +214,7 @@ def train(config, workdir) -> dict:
     trainable, frozen = split_params(setup.params)
     state = VigorState(trainable=trainable, opt_state=init_opt_state(optimizer, trainable, layout), step=counter(),
                        epoch=counter())
-    state = jax.device_put(state, layout.of(state))
+    state = layout.place(state, layout.of(state))
     if run.latest is not None:
         state = run.ckpt.restore(run.latest, state)
         print(f"resumed from {run.ckpt.directory / str(run.latest)} (epoch {int(state.epoch)})")
@@ -232,7 +232,7 @@ def train(config, workdir) -> dict:
         state, upd, skipped = train_epochs(lambda st, x, k: step(st, frozen, x, k), state, data, chunk, 1,
                                            np.random.default_rng([config.seed, epoch]), layout.put_batch,
                                            jax.random.fold_in(jax.random.PRNGKey(config.seed + 4), epoch))
-        state = jax.device_put(state.replace(epoch=counter(epoch + 1)), shardings)
+        state = layout.place(state.replace(epoch=counter(epoch + 1)), shardings)
         metrics = {k if k.startswith("sft/") else f"sft/{k}": x for k, x in upd.items()}
         metrics.update({"sft/nonfinite_skipped": skipped, "time/sft_epoch": time.time() - t0,
                         **(collect_stats if epoch == start else {})})

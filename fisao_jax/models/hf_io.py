@@ -308,14 +308,18 @@ def save_params(path: pathlib.Path, params: Any) -> None:
 
 
 def restore_params(path: pathlib.Path, abstract: Any) -> Any:
-    """Read an orbax parameter checkpoint into the structure/dtypes of `abstract`."""
+    """Read an orbax parameter checkpoint into the structure/dtypes of `abstract`, whole, on
+    this process's first device (a leaf of `abstract` with a sharding keeps it): the
+    checkpoint's own layout names devices of the machine that wrote it."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"no parameter checkpoint at {path}")
-    ckptr = ocp.StandardCheckpointer()
-    return ckptr.restore(path, abstract)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local),
+                          abstract)
+    return ocp.StandardCheckpointer().restore(path, target)
 
 
 def from_hf(path, expect: Optional[str] = None, dtype: Any = jnp.float32, param_dtype: Any = None,

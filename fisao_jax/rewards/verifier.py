@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fisao_jax import atomic
+from fisao_jax import atomic, hosts
 from fisao_jax.models.clip import normalize
 from fisao_jax.rewards.spans import SpanTable, find_entity_span_bounds
 
@@ -87,7 +87,7 @@ def text_embeddings(module: Any, params: Any, tokenizer, texts: Sequence[str], b
         pad = batch_size - n if len(texts) > batch_size else 0
         bi = np.pad(ids[s:s + n], ((0, pad), (0, 0)))
         bm = np.pad(mask[s:s + n], ((0, pad), (0, 0)))
-        out.append(np.asarray(encode(params, bi, bm))[:n])
+        out.append(hosts.gather(encode(params, bi, bm))[:n])
     return np.concatenate(out, axis=0) if out else np.zeros((0, module.cfg.projection_dim), np.float32)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 
-from fisao_jax import atomic
+from fisao_jax import atomic, hosts
 from fisao_jax.checkpoint import Checkpointer
 from fisao_jax.config_checks import validate_config
 from fisao_jax.evaluate import chair_metrics, generate, mention_labels, mention_rewards
@@ -46,13 +46,21 @@ class MethodRun:
     def reward_params(self):
         return self.baseline.reward_params(self.config.reward.margin)
 
+    def say(self, message: str) -> None:
+        """A line on the console (process 0 only)."""
+        if hosts.is_primary():
+            print(message, flush=True)
+
 
 def cached_json(path: pathlib.Path, compute):
-    """The JSON at `path` if it exists (a resumed run), else `compute()` written there."""
+    """The JSON at `path` if it exists (a resumed run), else `compute()` (run by every process:
+    it may hold collectives) written there by process 0."""
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    atomic.write_json(path, value, indent=1)
+    if hosts.is_primary():
+        atomic.write_json(path, value, indent=1)
+    hosts.wait(f"wrote {path.name}")
     return value
 
 
@@ -90,8 +98,10 @@ def calibrate(setup: Setup, config, workdir: pathlib.Path) -> BaselineScores:
             f"baseline scores cannot be estimated from {len(gen.texts)} calibration responses "
             f"({len(scores)} object mentions, {sum(labels)} hallucinated): {e}. Use more calibration images, "
             f"more new tokens, or give reward.baseline_path.") from e
-    plot_score_histograms(scores, labels, workdir / "baseline_scores.png", baseline=baseline)
-    baseline.save(path)
+    if hosts.is_primary():
+        plot_score_histograms(scores, labels, workdir / "baseline_scores.png", baseline=baseline)
+        baseline.save(path)
+    hosts.wait("wrote baseline.json")
     return baseline
 
 
@@ -116,7 +126,8 @@ def start_run(config, workdir, method: str, report=logging.info) -> MethodRun:
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     check_fresh_or_resumable(workdir, latest)
-    atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    if hosts.is_primary():
+        atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     setup = build_setup(config, workdir, report=report)
     baseline = calibrate(setup, config, workdir)
     before = cached_json(workdir / "eval_before.json",
@@ -131,7 +142,7 @@ def finish_run(run: MethodRun, params, iterations: int, settings: Sequence[str],
     config = run.config
     after = cached_json(run.workdir / f"eval_after_{iterations}.json",
                         lambda: evaluate(run.setup, params, config, run.baseline, jax.random.PRNGKey(config.seed + 3)))
-    if run.before["mention_rewards"] and after["mention_rewards"]:
+    if run.before["mention_rewards"] and after["mention_rewards"] and hosts.is_primary():
         plot_reward_shift(run.before["mention_rewards"], after["mention_rewards"], run.workdir / "reward_shift.png")
     rel = lambda a, b: 100.0 * (b - a) / a if a else 0.0  # noqa: E731
     summary = {
@@ -144,8 +155,9 @@ def finish_run(run: MethodRun, params, iterations: int, settings: Sequence[str],
         **(extra or {}),
         "examples_before": run.before["examples"][:4], "examples_after": after["examples"][:4],
     }
-    atomic.write_json(run.workdir / "summary.json", summary, indent=2)
-    print_summary(summary)
+    if hosts.is_primary():
+        atomic.write_json(run.workdir / "summary.json", summary, indent=2)
+        print_summary(summary)
     return summary
 
 

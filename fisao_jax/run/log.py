@@ -8,6 +8,8 @@ import math
 import pathlib
 from typing import Optional
 
+from fisao_jax import hosts
+
 LOG_FILE = "log.txt"
 
 
@@ -24,7 +26,8 @@ def configure_logging(workdir: Optional[pathlib.Path], console_level: int = logg
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     if workdir is not None:
-        path = (pathlib.Path(workdir) / LOG_FILE).resolve()
+        # one log file per process: log.txt (process 0), log.process<k>.txt
+        path = (pathlib.Path(workdir) / LOG_FILE.replace(".txt", hosts.log_suffix() + ".txt")).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         if not any(isinstance(h, logging.FileHandler) and pathlib.Path(h.baseFilename) == path for h in root.handlers):
             file_handler = logging.FileHandler(path)
@@ -56,16 +59,20 @@ class NonFiniteGuard:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard. On resume, lines after the restored step are dropped, so a
-    resumed run's file equals an uninterrupted run's."""
+    """metrics.jsonl + TensorBoard (process 0 writes; the others' writes do nothing). On resume,
+    lines after the restored step are dropped, so a resumed run's file equals an uninterrupted
+    run's."""
 
     def __init__(self, workdir: pathlib.Path, resume_step: int, tensorboard: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.active = hosts.is_primary()
+        self.writer = None
+        if not self.active:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -74,6 +81,8 @@ class MetricsLog:
                 pass
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"iteration": step, **metrics}, sort_keys=True) + "\n")
         if self.writer is not None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fisao_jax import sharding as sharding_lib
+from fisao_jax import hosts, sharding as sharding_lib
 from fisao_jax.config_checks import ConfigError
 from fisao_jax.models import hf_io
 from fisao_jax.models.configs import LoRAConfig
@@ -102,17 +102,20 @@ def build_setup(config: ml_collections.ConfigDict, workdir: pathlib.Path, report
     vmodule, vparams = hf_io.from_hf(task.verifier_dir, dtype=dtype)
     report(check_verifier_encoder(module, params, vmodule, vparams, config.reward.verifier_is_policy_encoder,
                                   config.reward.verifier_encoder_tolerance))
+    if hosts.describe():
+        report(hosts.describe())
     layout = Layout(sharding_lib.make_mesh(dict(config.mesh)))
     param_shardings = layout.params(params, sharding_lib.rules_for(module.cfg))
-    params = jax.device_put(params, param_shardings)
-    vparams = jax.device_put(vparams, layout.params(vparams, sharding_lib.rules_for(vmodule.cfg)))
+    params = layout.place(params, param_shardings)
+    vparams = layout.place(vparams, layout.params(vparams, sharding_lib.rules_for(vmodule.cfg)))
 
     vocab = task.entity_vocab
     verifier = verifier_lib.Verifier(vmodule, task.verifier_tokenizer, config.reward.template, task.eos_token_id)
-    table = verifier.entity_table(vparams, vocab.surface_forms, cache_dir=workdir / "cache",
+    table = verifier.entity_table(vparams, vocab.surface_forms,  # cached by process 0, computed by each
+                                  cache_dir=workdir / "cache" if hosts.is_primary() else None,
                                   checkpoint_id=verifier_lib.checkpoint_id(task.verifier_dir))
-    vstate = layout.put_replicated(verifier_lib.VerifierState(vparams, table, build_span_table(task.tokenizer, vocab)))
-    vstate = vstate.replace(params=vparams)
+    vstate = verifier_lib.VerifierState(vparams, layout.put_replicated(table),
+                                        layout.put_replicated(build_span_table(task.tokenizer, vocab)))
     sample, greedy = sampling_configs(config, task)
     return Setup(task, module, params, param_shardings, layout, verifier, vstate,
                  make_rollout(module, sample, layout, param_shardings),
