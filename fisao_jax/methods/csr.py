@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fisao_jax import atomic
+from fisao_jax import atomic, hosts
 from fisao_jax.config_checks import ConfigError, check_section
 from fisao_jax.methods import dpo as dpo_lib
 from fisao_jax.methods.csr_search import (RESPONSE_SCORES, SearchContext, make_search_context, preference_pair,
@@ -70,6 +70,9 @@ class CsrState(TrainState):
 
 def validate(config) -> None:
     """ConfigError naming the key for bad `csr.*` / `dpo.*` values."""
+    if hosts.count() > 1:
+        raise ConfigError(f"method 'csr' runs as one process (one host, any number of its devices); "
+                          f"this job has {hosts.count()} processes. Several hosts are for FiSAO.")
     check_section(config, "csr",
                   positive_ints=("iterations", "beam_keep", "num_candidates", "max_sentence_tokens", "max_sentences",
                                  "prompt_batch_size"),

@@ -34,8 +34,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fisao_jax import atomic
-from fisao_jax.config_checks import check_section
+from fisao_jax import atomic, hosts
+from fisao_jax.config_checks import ConfigError, check_section
 from fisao_jax.methods.csr_search import sentence_end_table
 from fisao_jax.methods.sft import make_sft_update
 from fisao_jax.params import merge_params, split_params
@@ -127,6 +127,9 @@ def refine_tokens(tokens: Sequence[int], mask: Sequence[int], rejected: Sequence
 
 def validate(config) -> None:
     """ConfigError naming the key for bad `vigor.*` / `sft.*` values."""
+    if hosts.count() > 1:
+        raise ConfigError(f"method 'vigor' runs as one process (one host, any number of its devices); "
+                          f"this job has {hosts.count()} processes. Several hosts are for FiSAO.")
     check_section(config, "vigor", positive_ints=("num_samples", "prompt_batch_size"), non_negative=("num_prompts",),
                   choices={"threshold": THRESHOLDS, "penalty": PENALTIES})
     check_section(config, "sft", positive_ints=("epochs", "batch_size", "num_minibatches"), positive=("lr",),
